@@ -1,0 +1,1 @@
+"""The `mergevq` command line: thin Typer commands over `mergevq_core.api`."""

@@ -1,0 +1,57 @@
+"""The `mergevq` Typer app: registers the commands and turns user errors into one line and exit code 1."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .commands import info as info_cmd
+
+app = typer.Typer(
+    name="mergevq",
+    help="MergeVQ: token-merging visual tokenizer (ToMe + LFQ + source recovery).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
+
+
+def main() -> None:
+    from mergevq_core.errors import MergeVQError
+
+    from . import console
+
+    _state["debug"] = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except MergeVQError as e:
+        if _state["debug"]:
+            raise
+        console.error(str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        sys.exit(130)
+    except Exception as e:  # an unexpected failure still gets one line; --debug shows where it came from
+        if _state["debug"]:
+            raise
+        console.error(f"{type(e).__name__}: {e}", hint="run again with --debug for the traceback")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

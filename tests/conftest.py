@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mergevq_core.config import RunConfig, apply_overrides, config_from_dict, read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def small_config(recipe: Path | str, extra: tuple[str, ...] = ()) -> RunConfig:
+    """A tokenizer recipe shrunk to run in a fraction of a second on CPU, keeping its layout:
+    same encoder kind, stages and levels, N = 64 tokens (hybrid) or 16 (vit), width 64."""
+    base = config_from_dict(read_yaml(recipe))
+    enc, dec = base.model.encoder, base.model.decoder
+    hybrid = enc.kind == "hybrid"
+    overrides = [
+        f"model.image_size={(8 if hybrid else 4) * enc.downsample}",
+        f"merge.keep={16 if hybrid else 9}",
+        "model.encoder.dim=64", "model.encoder.depth=3", "model.encoder.heads=2", "model.encoder.init=random",
+        f"model.decoder.ch={64 // dec.ch_mult[-1]}", "model.decoder.dim=64", "model.decoder.depth=1",
+        "model.decoder.heads=2", "model.decoder.num_res_blocks=1",
+        "model.recovery.dim=32", "model.recovery.heads=2", "model.recovery.depth=1",
+        "model.align_head.out_dim=32", "quant.dim=8",
+    ]
+    if hybrid:
+        overrides += [f"model.encoder.ch={64 // enc.ch_mult[-1]}", "model.encoder.num_res_blocks=1"]
+    torch.manual_seed(0)
+    return config_from_dict(apply_overrides(read_yaml(recipe), [*overrides, *extra]))

@@ -1,0 +1,53 @@
+"""Every recipe loads; the paper-scale recipes have the paper's sizes (Table A1), counted without data."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergevq_core.api import model_info
+from mergevq_core.config import load_config
+
+from .conftest import ROOT, TOKENIZER_RECIPES
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.merge.keep <= cfg.model.n_tokens
+
+
+def test_recipes_exist():
+    assert {p.stem for p in TOKENIZER_RECIPES} >= {"g", "gr", "r", "tiny"}
+
+
+# (recipe, encoder M, decoder M, encoder GMACs, decoder GMACs, schedule); tolerances from the issue: 1% / 3%.
+PAPER = [
+    ("g", 62.3, 82.8, 97.5, 169.2, [101, 90, 84, 78, 72, 66, 61, 55, 49, 43, 37, 32]),
+    ("gr", 62.7, 83.4, 46.4, 65.6, [12, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 5]),
+]
+
+
+@pytest.mark.parametrize("name, enc, dec, enc_g, dec_g, schedule", PAPER)
+def test_paper_sizes(name, enc, dec, enc_g, dec_g, schedule):
+    info = model_info(ROOT / "recipes" / f"{name}.yaml")
+    assert info.params["encoder"] / 1e6 == pytest.approx(enc, rel=0.01)
+    assert info.params["decoder"] / 1e6 == pytest.approx(dec, rel=0.01)
+    assert info.gmacs["encoder"] == pytest.approx(enc_g, rel=0.03)
+    assert info.gmacs["decoder"] == pytest.approx(dec_g, rel=0.03)
+    assert info.schedule == schedule
+    assert info.codebook_size == 2**18
+    assert info.params["total"] == sum(v for k, v in info.params.items() if k != "total")
+
+
+def test_r_encoder_size():
+    info = model_info(ROOT / "recipes" / "r.yaml")
+    assert info.params["encoder"] / 1e6 == pytest.approx(86.6, rel=0.02)
+    assert info.tokens == {"N": 256, "K": 36, "grid": 16}
+    assert sum(info.schedule) == 256 - 36
+
+
+def test_info_at_other_k_changes_only_the_encoder_side():
+    a = model_info(ROOT / "recipes" / "gr.yaml", tokens=64)
+    b = model_info(ROOT / "recipes" / "gr.yaml", tokens=256)
+    assert a.gmacs["encoder"] < b.gmacs["encoder"] and a.gmacs["decoder"] == b.gmacs["decoder"]
+    assert b.schedule == [0] * 12 and sum(a.schedule) == 256 - 64
