@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .commands import info as info_cmd
+from .commands import train_tokenizer as train_tokenizer_cmd
 
 app = typer.Typer(
     name="mergevq",
@@ -27,6 +28,7 @@ def _root(
     _state["debug"] = debug
 
 
+app.command("train-tokenizer", epilog=train_tokenizer_cmd.EXAMPLES)(train_tokenizer_cmd.train_tokenizer)
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 
 

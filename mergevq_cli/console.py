@@ -18,6 +18,8 @@ def print_json(obj: Any) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
+    if not is_main_process():
+        return
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
     if hint:
         err.print(f"[dim]{hint}[/]", soft_wrap=True)
@@ -39,3 +41,45 @@ def kv(title: str, pairs: list[tuple[str, Any]]) -> None:
     for k, v in pairs:
         t.add_row(k, str(v))
     out.print(t)
+
+
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 talks."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+class TrainProgress:
+    """A rich progress bar for a training loop: step, ETA, throughput and the latest loss terms."""
+
+    def __init__(self, unit: str = "img/s", terms: tuple[str, ...] = ("total", "recon")) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.unit, self.terms = unit, terms
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"),
+            console=out, transient=False, disable=not is_main_process(),
+        )
+        self.task = None
+        self.rate = ""
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, completed=completed, rate="", info="")
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        info = "  ".join(f"{k} {terms[k]:.4f}" for k in self.terms if k in terms)
+        if "tokens" in terms:
+            info += f"  K {int(terms['tokens'])}"
+        self.progress.update(self.task, completed=step, info=info, rate=self.rate)
+
+    def throughput(self, value: float) -> None:
+        self.rate = f"{value:,.1f} {self.unit}"
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(message, highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()

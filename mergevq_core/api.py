@@ -79,3 +79,78 @@ def _tokenizer_info(cfg: RunConfig, keep: int, recipe: str) -> ModelInfo:
         image_size=cfg.model.image_size,
         config=config_to_dict(cfg),
     )
+
+
+# ----------------------------------------------------------------------------- training
+
+RUNS_DIR = Path("runs")
+
+
+def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR) -> Path | None:
+    """The most recently written run folder under `root` of this kind (and recipe stem) that holds a checkpoint."""
+    import json as _json
+
+    from .train.checkpoint import CKPT_DIR
+
+    best, best_t = None, -1.0
+    for pointer in root.glob(f"*/{CKPT_DIR}/latest") if root.is_dir() else []:
+        run = pointer.parent.parent
+        if stem is not None and not run.name.startswith(f"{stem}-") and run.name != stem:
+            continue
+        try:
+            meta_kind = _json.loads((run / "config.json").read_text()).get("kind", "tokenizer")
+        except (OSError, ValueError):
+            continue
+        if meta_kind == kind and pointer.stat().st_mtime > best_t:
+            best, best_t = run, pointer.stat().st_mtime
+    return best
+
+
+def train_tokenizer(
+    recipe: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
+    resume: bool = False, max_steps: int | None = None, seed: int | None = None, device: str | None = None,
+    hooks: Any = None,
+) -> Any:
+    """Stage-1 training (see `train.tokenizer_loop`). Returns a `TrainResult`.
+
+    The run folder is `out`, else `runs/<recipe>-<time>`; with `resume` and no `out`, the newest run of that
+    recipe. On resume the run's saved config is used, with `overrides`, `max_steps` and `seed` applied on top."""
+    import time
+
+    from .config import apply_overrides, config_from_dict
+    from .errors import CheckpointError
+    from .train import checkpoint as ck
+    from .train.dist import cleanup, init_distributed
+    from .train.tokenizer_loop import fit_tokenizer
+
+    extra = list(overrides)
+    if max_steps is not None:
+        extra.append(f"train.max_steps={max_steps}")
+    if seed is not None:
+        extra.append(f"train.seed={seed}")
+    cfg = load_config(recipe, extra)  # validates the recipe even on resume
+    stem = Path(recipe).stem
+    dist = init_distributed(device)
+    try:
+        if out is not None:
+            run_dir = Path(out)
+        elif resume:
+            found = newest_run("tokenizer", stem)
+            if found is None:
+                raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
+            run_dir = found
+        else:
+            run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if dist.enabled:  # every rank must write to the folder rank 0 chose
+            import torch.distributed as tdist
+
+            box = [str(run_dir)]
+            tdist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        if resume:
+            ckpt = ck.latest_checkpoint(run_dir) if run_dir.exists() else None
+            if ckpt is not None:
+                cfg = config_from_dict(apply_overrides(ck.read_meta(ckpt)["config"], extra))
+        return fit_tokenizer(cfg, run_dir, dist, resume=resume, hooks=hooks)
+    finally:
+        cleanup()

@@ -271,6 +271,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 2000
     ckpt_every: int = 2000
+    eval_images: int = 500  # held-out images for PSNR, codebook usage and source-recovery accuracy
+    eval_tokens: tuple[int, ...] = ()  # K values of the PSNR table; () = ((√K/2)², K, N)
 
     def __post_init__(self) -> None:
         _one_of(self.schedule, "train.schedule", ("step", "cosine"))
@@ -279,6 +281,9 @@ class TrainConfig:
         _check(self.batch_size >= 1 and self.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
         _check(all(0 < f <= 1 for f in self.lr_drops), "train.lr_drops are fractions in (0, 1]")
+        for name in ("log_every", "eval_every", "ckpt_every", "eval_images", "epochs"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,6 +299,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         n = self.model.n_tokens
         _check(self.merge.keep <= n, f"merge.keep={self.merge.keep} exceeds N={n} tokens ({self.model.grid}x{self.model.grid})")
+        for k in self.train.eval_tokens:
+            self.check_keep(k, "train.eval_tokens:")
         _check(
             self.merge.keep >= self.min_keep,
             f"merge.keep={self.merge.keep} is below {self.min_keep}, the fewest {self.model.encoder.depth} blocks can keep of N={n}",
@@ -306,6 +313,14 @@ class RunConfig:
         for _ in range(self.model.encoder.depth):
             t -= t // 2
         return t
+
+    @property
+    def eval_tokens(self) -> tuple[int, ...]:
+        """K values the evaluation reports: the recipe's list, or ((√K/2)², K, N)."""
+        if self.train.eval_tokens:
+            return tuple(sorted(set(self.train.eval_tokens)))
+        low = max(math.isqrt(self.merge.keep) // 2, math.isqrt(self.min_keep - 1) + 1) ** 2
+        return tuple(sorted({low, self.merge.keep, self.model.n_tokens}))
 
     def check_keep(self, keep: int, what: str = "--tokens") -> int:
         """Validate a keep count K: a perfect square in [min_keep, N]."""

@@ -39,6 +39,14 @@ class AdaGN(nn.Module):
         self.norm = group_norm(channels, affine=False)
         self.scale = nn.Linear(code_dim, channels)
         self.shift = nn.Linear(code_dim, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start as a plain GroupNorm (scale 1, shift 0). A small random init would multiply every level's
+        features by ~0.05 and stall early training."""
+        for lin, bias in ((self.scale, 1.0), (self.shift, 0.0)):
+            nn.init.zeros_(lin.weight)
+            nn.init.constant_(lin.bias, bias)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:  # x (B, C, h, w), z (B, D, g, g)
         mean = z.mean(dim=(2, 3))  # (B, D)

@@ -1,0 +1,149 @@
+"""Atomic checkpoints that never execute code on load.
+
+A run folder holds `checkpoints/step_0000500/` folders and a `checkpoints/latest` pointer. Each checkpoint is
+written into a temporary folder, fsynced and renamed into place, and only then does `latest` move (itself by
+write-then-rename), so a crash at any moment leaves the previous checkpoint intact and pointed to.
+Contents: `<name>.safetensors` per model, `meta.json` (format version, kind, step, resolved config),
+`train_state.pt` (optimizers, scaler, RNG, data position; read with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, tensors: dict[str, dict[str, Tensor]], state: dict[str, Any], meta: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
+    try:
+        for name, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "train_state.pt")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "step": step, **meta}, f, indent=2, default=str)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_json_atomic(root / "latest", {"step": step, "dir": final.name})
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` points to, or None when the run has none."""
+    pointer = Path(run_dir) / CKPT_DIR / "latest"
+    if not pointer.is_file():
+        return None
+    try:
+        target = Path(run_dir) / CKPT_DIR / json.loads(pointer.read_text())["dir"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{pointer} is damaged: {e}") from None
+    if not (target / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} points to {target.name}, which is incomplete")
+    return target
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder (→ its latest checkpoint) or a checkpoint folder itself."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path} holds no checkpoint yet")
+    return ckpt
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {ckpt}/meta.json: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def read_tensors(ckpt: Path, name: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {name} weights")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def read_train_state(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def load_state_strict(module: torch.nn.Module, sd: dict[str, Tensor], what: str) -> None:
+    """load_state_dict(strict=True) with a one-line error naming the mismatched keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''} ({len(keys)})")
+        raise CheckpointError(f"{what} does not match the model: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=True)

@@ -1,0 +1,133 @@
+"""Stage-1 training: exact resume after SIGKILL, torchrun with gloo, checks before the first step, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mergevq_core.api import train_tokenizer
+from mergevq_core.errors import ConfigError
+from mergevq_core.train.checkpoint import latest_checkpoint, read_meta
+
+from .conftest import FAST_TRAIN, ROOT, set_args
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mergevq_cli", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def train_args(out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train-tokenizer", "recipes/tiny.yaml", "--out", str(out), "--max-steps", str(steps), "--device", "cpu",
+            "--json", *set_args(FAST_TRAIN), *extra]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")}
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+    steps = 12
+    full = cli(*train_args(tmp_path / "full", steps))
+    killed = cli(*train_args(tmp_path / "killed", steps))
+    deadline = time.time() + 120
+    while time.time() < deadline:  # SIGKILL as soon as the first checkpoint (step 4) is in place
+        ckpt = latest_checkpoint(tmp_path / "killed") if (tmp_path / "killed" / "checkpoints").exists() else None
+        if ckpt is not None:
+            break
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    at = read_meta(latest_checkpoint(tmp_path / "killed"))["step"]
+    assert at < steps, "the run finished before it could be killed"
+
+    resumed = cli(*train_args(tmp_path / "killed", steps, "--resume"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["resumed_from"] == at
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+
+    a, b = rows(tmp_path / "full"), rows(tmp_path / "killed")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    after = [(x, y) for x, y in zip(a, b) if x["step"] > at]
+    assert after and all(comparable(x) == comparable(y) for x, y in after)  # losses, lr, K, held-out PSNR
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "mergevq_cli", *train_args(out, 3, "--set", "train.batch_size=8")]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = read_meta(latest_checkpoint(out))
+    assert meta["world_size"] == 2 and meta["step"] == 3
+    assert json.loads(res.stdout)["steps"] == 3  # only rank 0 prints
+
+
+@pytest.mark.parametrize("recipe, needles", [
+    ("g", ["data.root", "model.encoder.dinov2_weights", "loss.vgg_weights", "loss.teacher_weights"]),
+    ("gr", ["data.root", "model.encoder.dinov2_weights"]),
+    ("r", ["data.root", "loss.teacher_weights"]),
+])
+def test_paper_recipes_without_files_stop_before_the_first_step(tmp_path, recipe, needles):
+    p = cli("train-tokenizer", f"recipes/{recipe}.yaml", "--out", str(tmp_path / recipe), "--device", "cpu")
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1, err
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / recipe).exists()
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    with pytest.raises(Exception, match="holds no checkpoint"):
+        train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=tmp_path / "none", resume=True, max_steps=2, device="cpu")
+    train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=tmp_path / "a", max_steps=2, device="cpu")
+    with pytest.raises(ConfigError, match="--resume"):
+        train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=tmp_path / "a", max_steps=2, device="cpu")
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from mergevq_core.train import tokenizer_step
+    from mergevq_core.train.tokenizer_loop import TrainingDiverged
+
+    calls = {"n": 0}
+    real = tokenizer_step.recon_loss
+
+    def poisoned(x_hat, x, kind):
+        calls["n"] += 1
+        loss = real(x_hat, x, kind)
+        return loss * torch.nan if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(tokenizer_step, "recon_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="diverged at step 5.*step_0000004"):
+        train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=tmp_path / "nan", max_steps=10, device="cpu")
+    assert read_meta(latest_checkpoint(tmp_path / "nan"))["step"] == 4
+
+
+def test_run_folder_contents(tmp_path):
+    res = train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=tmp_path / "r", max_steps=4, device="cpu")
+    run = tmp_path / "r"
+    for name in ("config.json", "metrics.jsonl", "loss_curve.png", "preview.png"):
+        assert (run / name).is_file(), name
+    ck = latest_checkpoint(run)
+    assert {p.name for p in ck.iterdir()} == {"tokenizer.safetensors", "ema.safetensors", "disc.safetensors", "meta.json", "train_state.pt"}
+    assert res.steps == 4 and set(res.psnr_by_tokens) == {16, 64} and res.psnr == res.psnr_by_tokens[64]
+    assert res.final_losses["total"] > 0
+    assert 0 < res.codebook_usage <= 1 and 0 <= res.source_recovery_acc <= 1
