@@ -35,7 +35,8 @@ def small_config(recipe: Path | str, extra: tuple[str, ...] = ()) -> RunConfig:
 FAST_TRAIN = (
     "model.encoder.depth=2", "model.decoder.depth=1", "model.recovery.depth=1", "train.batch_size=4",
     "train.micro_batch=4", "train.eval_images=8", "train.log_every=2", "train.eval_every=1000",
-    "train.ckpt_every=4", "train.warmup_steps=2", "loss.gan_start=2", "merge.keep=16",
+    "train.ckpt_every=4", "train.warmup_steps=2", "loss.gan_weight=0.1", "loss.gan_start=2", "loss.align_weight=0.1",
+    "merge.keep=16",
 )
 
 

@@ -92,3 +92,21 @@ def test_align_features(tokenizer):
     s = tokenizer.cfg.model.image_size
     feats = tokenizer.align_features(torch.rand(2, 3, s, s))
     assert feats.shape == (2, tokenizer.cfg.model.align_head.out_dim)
+
+
+def test_fresh_dino_alignment_gives_a_moderate_gradient(tokenizer):
+    """The EMA (DINO-style) teacher starts as a copy of the student: the loss must still teach (non-zero
+    gradient) without exploding, or global clipping would silence every other loss."""
+    import copy
+
+    from mergevq_core.losses import DinoCE
+
+    s = tokenizer.cfg.model.image_size
+    teacher = copy.deepcopy(tokenizer).eval()
+    ce = DinoCE(tokenizer.cfg.model.align_head.out_dim)
+    with torch.no_grad():
+        target = teacher.align_features(torch.rand(4, 3, s, s) * 2 - 1)
+    tokenizer.zero_grad()
+    ce(tokenizer.align_features(torch.rand(4, 3, s, s) * 2 - 1), target).backward()
+    norm = torch.cat([p.grad.flatten() for p in tokenizer.align_head.parameters()]).norm()
+    assert 1e-4 < float(norm) < 1e3

@@ -29,16 +29,9 @@ def kl_align(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tens
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 
-def _unit(x: Tensor) -> Tensor:
-    """L2-normalised logits, as DINO's weight-normalised last layer produces. Without it a freshly initialised
-    head outputs near-zero vectors, the teacher distribution is uniform and the loss sits at log(dim) with
-    no gradient."""
-    return F.normalize(x.float(), dim=-1)
-
-
 class DinoCE(nn.Module):
-    """DINO cross-entropy (Caron et al. 2021) on L2-normalised outputs:
-    −Σ_k softmax((t̂ − c)/τ_t)_k · log_softmax(ŝ/τ_s)_k, batch mean.
+    """DINO cross-entropy (Caron et al. 2021): −Σ_k softmax((t − c)/τ_t)_k · log_softmax(s/τ_s)_k, batch mean.
+    The head producing s and t must start with O(1) outputs (see `AlignHead`), else the teacher is uniform.
 
     `forward` is pure; call `update_center(teacher)` once per step after it (c ← m·c + (1−m)·mean_b t,
     the batch mean all-reduced across processes when torch.distributed is initialised).
@@ -56,13 +49,13 @@ class DinoCE(nn.Module):
         self.register_buffer("center", torch.zeros(1, dim))
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        t = F.softmax((_unit(teacher.detach()) - self.center) / self.teacher_temp, dim=-1)
-        log_s = F.log_softmax(_unit(student) / self.student_temp, dim=-1)
+        t = F.softmax((teacher.detach().float() - self.center) / self.teacher_temp, dim=-1)
+        log_s = F.log_softmax(student.float() / self.student_temp, dim=-1)
         return -(t * log_s).sum(-1).mean()
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
-        batch_center = _unit(teacher.detach()).mean(0, keepdim=True)
+        batch_center = teacher.detach().float().mean(0, keepdim=True)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             batch_center /= dist.get_world_size()

@@ -148,5 +148,12 @@ class AlignHead(nn.Module):
         else:
             raise ValueError(f"unknown align head {kind!r}")
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear init, not the encoder's trunc_normal(0.02): the head must start with O(1)
+        outputs, or a DINO-style teacher of the same init gives a uniform target and no gradient."""
+        for m in self.net:
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                m.reset_parameters()
+
     def forward(self, cls: Tensor) -> Tensor:  # (B, C) -> (B, out_dim)
         return self.net(cls)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -130,8 +131,9 @@ def read_train_state(ckpt: Path) -> dict[str, Any]:
     path = Path(ckpt) / "train_state.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path}: {first}") from None
 
 
 def load_state_strict(module: torch.nn.Module, sd: dict[str, Tensor], what: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,6 @@ from .dist import DistInfo, all_reduce_mean
 from .ema import EMA
 from .optim import adamw, lr_at, set_lr
 
-log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TrainingDiverged(MergeVQError):
@@ -388,6 +384,8 @@ def fit_tokenizer(
 
 
 def _imagenet_to_signed(x: Tensor) -> Tensor:
+    from ..data.views import IMAGENET_MEAN, IMAGENET_STD
+
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean) * 2 - 1

@@ -1,0 +1,86 @@
+"""Atomic checkpoints, strict loading, and files that never execute code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mergevq_core.errors import CheckpointError
+from mergevq_core.train import checkpoint as ck
+
+
+def _save(run, step, value=1.0, **kw):
+    return ck.save_checkpoint(run, step, {"model": {"w": torch.full((2, 3), value)}}, {"step": step, "opt": {"lr": 0.1}},
+                              {"kind": "tokenizer"}, **kw)
+
+
+def test_round_trip_and_latest(tmp_path):
+    path = _save(tmp_path, 10, 2.0)
+    assert ck.latest_checkpoint(tmp_path) == path == ck.resolve_checkpoint(tmp_path)
+    assert torch.equal(ck.read_tensors(path, "model")["w"], torch.full((2, 3), 2.0))
+    assert ck.read_train_state(path) == {"step": 10, "opt": {"lr": 0.1}}
+    meta = ck.read_meta(path)
+    assert meta["step"] == 10 and meta["kind"] == "tokenizer" and meta["format_version"] == ck.FORMAT_VERSION
+
+
+def test_keeps_only_the_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / ck.CKPT_DIR).glob("step_*")) == ["step_0000003", "step_0000004"]
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    good = _save(tmp_path, 5)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    with pytest.raises(OSError):
+        _save(tmp_path, 6)
+    assert ck.latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / ck.CKPT_DIR).iterdir() if p.name.startswith(".")] == []  # no debris
+
+
+def test_train_state_refuses_pickled_code(tmp_path):
+    path = _save(tmp_path, 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"x": Evil()}, path / "train_state.pt")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        ck.read_train_state(path)
+
+
+def test_damaged_files_give_one_line_errors(tmp_path):
+    path = _save(tmp_path, 1)
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        ck.read_tensors(path, "model")
+    with pytest.raises(CheckpointError, match="no other weights"):
+        ck.read_tensors(path, "other")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format 99"):
+        ck.read_meta(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        ck.resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        ck.resolve_checkpoint(tmp_path / "empty")
+
+
+def test_strict_loading_names_the_keys():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    sd = model.state_dict()
+    ck.load_state_strict(model, sd, "ok")
+    bad = {**sd, "extra.weight": torch.zeros(1)}
+    bad.pop("1.bias")
+    bad["0.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError, match=r"missing: 1\.bias.*unexpected: extra\.weight.*wrong shape: 0\.weight"):
+        ck.load_state_strict(model, bad, "ckpt")
