@@ -154,3 +154,40 @@ def train_tokenizer(
         return fit_tokenizer(cfg, run_dir, dist, resume=resume, hooks=hooks)
     finally:
         cleanup()
+
+
+# ----------------------------------------------------------------------------- loading trained tokenizers
+
+
+def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
+    """A run folder or checkpoint folder → the checkpoint folder; None → the newest tokenizer run under runs/."""
+    from .errors import CheckpointError
+    from .train.checkpoint import resolve_checkpoint
+
+    if ckpt is None:
+        run = newest_run("tokenizer")
+        if run is None:
+            raise CheckpointError(
+                f"no tokenizer run under {RUNS_DIR}/: train one with `mergevq train-tokenizer recipes/tiny.yaml` or pass --ckpt"
+            )
+        ckpt = run
+    return resolve_checkpoint(Path(ckpt))
+
+
+def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True) -> tuple[Any, Path]:
+    """Rebuild a trained tokenizer from its checkpoint (config from meta.json, EMA weights by default), in eval
+    mode on `device`. Returns (tokenizer, checkpoint folder)."""
+    from .config import config_from_dict
+    from .errors import CheckpointError
+    from .models import build_tokenizer
+    from .train import checkpoint as ck
+    from .train.dist import pick_device
+
+    path = find_tokenizer_checkpoint(ckpt)
+    meta = ck.read_meta(path)
+    if meta.get("kind") != "tokenizer":
+        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint, not a tokenizer")
+    cfg = config_from_dict(meta["config"])
+    tok = build_tokenizer(cfg)
+    ck.load_state_strict(tok, ck.read_tensors(path, "ema" if ema else "tokenizer"), f"{path}")
+    return tok.to(pick_device(device)).eval(), path

@@ -85,3 +85,9 @@ def test_malformed_yaml(tmp_path):
 def test_debug_shows_traceback():
     res = mergevq("--debug", "info", "recipes/missing.yaml")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_importing_the_package_and_help_stay_light():
+    code = "import sys, mergevq_core, mergevq_cli.app; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.stdout.strip() == "False"
