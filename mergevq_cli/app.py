@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from .commands import info as info_cmd
+from .commands import reconstruct as reconstruct_cmd
+from .commands import tokenize as tokenize_cmd
 from .commands import train_tokenizer as train_tokenizer_cmd
 
 app = typer.Typer(
@@ -29,6 +31,8 @@ def _root(
 
 
 app.command("train-tokenizer", epilog=train_tokenizer_cmd.EXAMPLES)(train_tokenizer_cmd.train_tokenizer)
+app.command("reconstruct", epilog=reconstruct_cmd.EXAMPLES)(reconstruct_cmd.reconstruct)
+app.command("tokenize", epilog=tokenize_cmd.EXAMPLES)(tokenize_cmd.tokenize)
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 
 

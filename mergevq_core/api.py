@@ -191,3 +191,159 @@ def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, em
     tok = build_tokenizer(cfg)
     ck.load_state_strict(tok, ck.read_tensors(path, "ema" if ema else "tokenizer"), f"{path}")
     return tok.to(pick_device(device)).eval(), path
+
+
+# ----------------------------------------------------------------------------- reconstruct
+
+
+def reconstruct(
+    paths: list[str | Path], ckpt: str | Path | None = None, tokens: list[int] | None = None, source: str = "gt",
+    out: str | Path = "recon", fid: bool = False, inception_weights: str | None = None, photos: bool = False,
+    device: str | None = None, batch: int = 16, on_start: Any = None, on_batch: Any = None,
+) -> Any:
+    """Reconstruct image files at each K in `tokens` (default: the checkpoint's merge.keep). `source` is `gt`
+    (the encoder's own merge assignment) or `predicted` (the source recovery model's, from the ids alone).
+    Returns an `eval.reconstruct.ReconResult`; pictures go to `out`."""
+    from .data.photos import photo_paths
+    from .errors import ConfigError
+    from .eval.reconstruct import collect_images, load_images, plot_quality_vs_tokens, reconstruct_images, summarise
+
+    if source not in ("gt", "predicted"):
+        raise ConfigError(f"--source {source!r}: choose gt or predicted")
+    files = collect_images([Path(p) for p in paths] + (photo_paths() if photos else []))
+    tok, path = load_tokenizer(ckpt, device)
+    cfg = tok.cfg
+    ks = sorted(set(tokens)) if tokens else [cfg.merge.keep]
+    for k in ks:
+        cfg.check_keep(k)
+    if source == "predicted" and tok.recovery is None:
+        raise ConfigError(f"--source predicted needs a source recovery model; {path} was trained without one")
+    if fid and len(files) < 2:
+        raise ConfigError("--fid needs at least 2 images (give a folder)")
+    weights = None
+    if fid:
+        from .eval.fid import resolve_inception_weights
+
+        weights = resolve_inception_weights(inception_weights)  # fails early, before any work
+    images = load_images(files, cfg.model.image_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .eval.quality import lpips_if_available
+
+    lpips = lpips_if_available(cfg.loss.vgg_weights)
+    if lpips is not None:
+        lpips = lpips.to(next(tok.parameters()).device)
+    if on_start is not None:
+        on_start(len(files), ks, path)
+    records, recons, seen = reconstruct_images(tok, files, images, ks, source, out, lpips, batch,
+                                               on_batch or (lambda n: None))
+    mean = summarise(records, ks)
+    for k in ks:
+        mean[k]["codebook_usage"] = len(seen[k]) / tok.quantizer.codebook_size
+        if fid:
+            from .eval.fid import frechet_distance, to_uint8
+
+            mean[k]["rfid"] = frechet_distance(to_uint8(images), to_uint8(recons[k]), weights, next(tok.parameters()).device)
+    from .eval.reconstruct import ReconResult
+
+    res = ReconResult(ckpt=str(path), source=source, out=str(out), images=records, mean=mean)
+    if len(ks) > 1:
+        res.plot = str(out / "quality_vs_tokens.png")
+        plot_quality_vs_tokens(mean, Path(res.plot), f"{cfg.model.name} ({path.parent.parent.name}), {len(files)} images")
+    return res
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def _token_dataset(data: str | Path, size: int, limit: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
+    """A folder of images (labels from class subfolders), or the built-in `shapes` / `photos` sets, all in the
+    evaluation view (shorter side → size, centre crop) that `reconstruct` uses."""
+    from torch.utils.data import Subset
+
+    from .data import ImageFolder, PhotosDataset, ShapesDataset
+    from .data.views import recon_view
+    from .errors import DataError
+
+    def view(img: Any, g: Any) -> dict[str, Any]:
+        return {"image": recon_view(img, size, g, train=False)}
+
+    p = Path(data)
+    if p.is_dir():
+        ds, info = ImageFolder(p, view=view, seed=seed), {"source": "imagefolder", "root": str(p.resolve())}
+    elif str(data) == "shapes":
+        ds, info = ShapesDataset(size, length=limit or 10_000, seed=seed, split="train"), {"source": "shapes", "seed": seed}
+    elif str(data) == "photos":
+        ds, info = PhotosDataset(view=view, seed=seed), {"source": "photos"}
+    else:
+        raise DataError(f"no such folder: {data} (give an image folder, or `shapes` / `photos` for the built-in sets)")
+    if limit is not None and limit < len(ds):
+        ds = Subset(ds, range(limit))
+    info["items"] = len(ds)
+    return ds, info
+
+
+def tokenize(
+    data: str | Path, out: str | Path, ckpt: str | Path | None = None, tokens: int | None = None,
+    tokens_sample: bool = False, limit: int | None = None, device: str | None = None, batch: int = 64,
+    shard_size: int = 4096, seed: int = 0, on_start: Any = None, on_batch: Any = None,
+) -> dict[str, Any]:
+    """Encode a dataset once into token shards for stage 2 (ids in canonical order, `assign`, K, label).
+    Finished shards are kept, so an interrupted run resumes; shards of another tokenizer are refused.
+    With `tokens_sample`, each image's K is drawn by the recipe's keep-count sampler from a generator seeded by
+    (seed, image index), so a resumed run draws the same K."""
+    import time
+
+    import torch
+
+    from .data.codes import ShardWriter, sha256_file
+    from .data.rng import make_generator
+    from .tome import KeepSampler
+
+    tok, path = load_tokenizer(ckpt, device)
+    cfg = tok.cfg
+    keep = cfg.check_keep(tokens) if tokens is not None else cfg.merge.keep
+    ds, info = _token_dataset(data, cfg.model.image_size, limit, seed)
+    writer = ShardWriter(
+        out, {"checkpoint": str(path), "hash": sha256_file(path / "ema.safetensors"), "config": config_to_dict(cfg)},
+        codebook_size=tok.quantizer.codebook_size, n_tokens=cfg.model.n_tokens, grid=cfg.model.grid,
+        tokens_mode="sample" if tokens_sample else "fixed", keep=keep, dataset_info=info, num_items=len(ds),
+        shard_size=shard_size,
+    )
+    sampler = KeepSampler(keep, cfg.model.n_tokens, cfg.merge.sampler, cfg.merge.candidates, cfg.min_keep) if tokens_sample else None
+    dev = next(tok.parameters()).device
+    pending = writer.pending()
+    if on_start is not None:
+        on_start(len(ds), sum(len(writer.item_range(i)) for i in pending), path)
+    t0, done = time.perf_counter(), 0
+    with torch.no_grad():
+        for shard in pending:
+            idx = list(writer.item_range(shard))
+            ks = [sampler.sample(make_generator(seed, i)) if sampler else keep for i in idx]
+            ids: list[Any] = [None] * len(idx)
+            assign = torch.empty(len(idx), cfg.model.n_tokens, dtype=torch.long)
+            labels = torch.empty(len(idx), dtype=torch.long)
+            for k in sorted(set(ks)):
+                group = [j for j, kk in enumerate(ks) if kk == k]
+                for s in range(0, len(group), batch):
+                    part = group[s : s + batch]
+                    items = [ds[idx[j]] for j in part]
+                    x = torch.stack([it["image"] for it in items]).to(dev)
+                    enc = tok.encode(x, tokens=k)
+                    for n, j in enumerate(part):
+                        ids[j] = enc.ids[n].cpu()
+                        assign[j] = enc.assign[n].cpu()
+                        labels[j] = int(items[n]["label"])
+                    done += len(part)
+                    if on_batch is not None:
+                        on_batch(len(part))
+            writer.write(shard, ids, assign, labels, torch.tensor(idx))
+    writer.finish()
+    wall = time.perf_counter() - t0
+    return {"out": str(out), "ckpt": str(path), "items": len(ds), "encoded": done, "skipped_shards": len(
+        [i for i in range(_num_shards(len(ds), shard_size)) if i not in pending]), "wall_s": wall,
+        "img_per_s": done / wall if wall > 0 else 0.0, "tokens": "sample" if tokens_sample else keep}
+
+
+def _num_shards(n: int, size: int) -> int:
+    return (n + size - 1) // size

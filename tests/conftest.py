@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from mergevq_core.config import RunConfig, apply_overrides, config_from_dict, read_yaml
@@ -42,3 +43,22 @@ FAST_TRAIN = (
 
 def set_args(overrides) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="session")
+def inception_stand_in(tmp_path_factory) -> Path:
+    """A small local stand-in for the FID extractor: torch-fidelity's FeatureExtractorInceptionV3 with weight
+    loading bypassed and Kaiming-initialised convs (default init makes features vanish), saved as a file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inc, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path

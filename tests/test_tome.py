@@ -242,3 +242,12 @@ def test_keep_sampler_reproducible():
     assert a == b and a != other
     assert set(a) <= set(sampler.candidates)
     assert sampler.schedule_for(a[0], 12) == merge_schedule(256, a[0], 12)
+
+
+def test_keep_candidates_respect_the_reachable_minimum():
+    from mergevq_core.tome import KeepSampler
+
+    ks, ps = keep_candidates(16, 64, "gaussian", 4, min_keep=16)
+    assert ks == [16, 25, 36] and abs(sum(ps) - 1) < 1e-9
+    gen = torch.Generator().manual_seed(0)
+    assert min(KeepSampler(16, 64, "gaussian", 4, min_keep=16).sample(gen) for _ in range(200)) == 16

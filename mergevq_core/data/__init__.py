@@ -18,11 +18,13 @@ from .photos import PhotosDataset, photo_paths
 from .sampler import ResumableSampler
 from .shapes import SHAPE_CLASSES, ShapesDataset, render_shape
 from .views import TokenizerViews, recon_view, student_view, teacher_view
+from .codes import ShardWriter, TokenShards, collate_tokens, sha256_file
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SHAPE_CLASSES", "ImageFolder", "PhotosDataset", "ResumableSampler", "ShapesDataset",
     "TokenizerViews", "build_dataset", "held_out_split", "list_images", "load_rgb", "photo_paths",
     "pil_to_tensor", "recon_view", "render_shape", "student_view", "teacher_view",
+    "ShardWriter", "TokenShards", "collate_tokens", "sha256_file",
 ]
 
 SPLITS = ("train", "val")

@@ -101,13 +101,16 @@ def merge_schedule(n_tokens: int, keep: int, depth: int, kind: str = "linear") -
     return out
 
 
-def keep_candidates(keep: int, n_tokens: int, dist: str = "gaussian", num: int = 6) -> tuple[list[int], list[float]]:
+def keep_candidates(
+    keep: int, n_tokens: int, dist: str = "gaussian", num: int = 6, min_keep: int = 1
+) -> tuple[list[int], list[float]]:
     """Perfect-square keep counts around ``keep`` and their probabilities.
 
     gaussian:    keep_i = (sqrt(keep) + i - 1)^2, w_i = exp(-(i-1)^2 / (2 * 0.5^2)) + 0.05
     exponential: keep_i = (sqrt(keep) + i)^2,     w_i = 2 exp(-2 i) + 0.1
     fixed:       [keep] with probability 1.
-    Candidates outside [1, n_tokens] are dropped and the rest renormalised.
+    Candidates outside [max(1, min_keep), n_tokens] (what the encoder can reach) are dropped and the rest
+    renormalised.
     """
     if not is_perfect_square(keep):
         raise ValueError(f"keep must be a perfect square, got {keep}")
@@ -120,9 +123,10 @@ def keep_candidates(keep: int, n_tokens: int, dist: str = "gaussian", num: int =
         pairs = [((root + i) ** 2, 2 * math.exp(-2 * i) + 0.1) for i in range(num)]
     else:
         raise ValueError(f"unknown keep distribution {dist!r}")
-    pairs = [(k, w) for k, w in pairs if 1 <= k <= n_tokens]
+    lo = max(1, min_keep)
+    pairs = [(k, w) for k, w in pairs if lo <= k <= n_tokens]
     if not pairs:
-        raise ValueError(f"no keep candidate within [1, {n_tokens}] for keep={keep}")
+        raise ValueError(f"no keep candidate within [{lo}, {n_tokens}] for keep={keep}")
     norm = sum(w for _, w in pairs)
     return [k for k, _ in pairs], [w / norm for _, w in pairs]
 
@@ -130,10 +134,10 @@ def keep_candidates(keep: int, n_tokens: int, dist: str = "gaussian", num: int =
 class KeepSampler:
     """Draws a keep count per step from :func:`keep_candidates`."""
 
-    def __init__(self, keep: int, n_tokens: int, dist: str = "gaussian", num: int = 6) -> None:
+    def __init__(self, keep: int, n_tokens: int, dist: str = "gaussian", num: int = 6, min_keep: int = 1) -> None:
         self.keep = keep
         self.n_tokens = n_tokens
-        self.candidates, self.probs = keep_candidates(keep, n_tokens, dist, num)
+        self.candidates, self.probs = keep_candidates(keep, n_tokens, dist, num, min_keep)
 
     def sample(self, generator: torch.Generator) -> int:
         idx = torch.multinomial(torch.tensor(self.probs), 1, generator=generator)

@@ -195,7 +195,7 @@ def fit_tokenizer(
     opt_d = adamw(list(disc.parameters()), tc, fused=cuda) if disc is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=cuda and tc.precision == "fp16")
     keep_gen = torch.Generator().manual_seed(tc.seed + 1)
-    keeps = KeepSampler(cfg.merge.keep, cfg.model.n_tokens, cfg.merge.sampler, cfg.merge.candidates)
+    keeps = KeepSampler(cfg.merge.keep, cfg.model.n_tokens, cfg.merge.sampler, cfg.merge.candidates, cfg.min_keep)
     acc: dict[str, float] = {}
     acc_n, step, wall_before, images_before = 0, 0, 0.0, 0
 
