@@ -68,7 +68,7 @@ def merge_map(image: Tensor, assign: Tensor, grid: int) -> Tensor:
     slots = assign.view(1, 1, grid, grid).float()
     up = F.interpolate(slots, size=(h, w), mode="nearest")[0, 0].long()  # (H, W) slot per pixel
     tint = slot_colours(k)[up].permute(2, 0, 1)  # (3, H, W)
-    out = 0.45 * to_unit(image) + 0.55 * tint
+    out = 0.6 * to_unit(image) + 0.4 * tint
     edge = torch.zeros(h, w, dtype=torch.bool)
     edge[:, 1:] |= up[:, 1:] != up[:, :-1]
     edge[1:, :] |= up[1:, :] != up[:-1, :]
