@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..fileio import TMP_PREFIX, TMP_SUFFIX, write_atomic
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ShardWriter", "TokenShards", "collate_tokens", "sha256_file"]
 
@@ -39,8 +39,7 @@ KIND = "token-shards"
 MANIFEST = "manifest.json"
 TOKEN_MODES = ("fixed", "sample")
 INT16_MAX = 32767
-_TMP_PREFIX = "."  # temporary files are hidden: ".shard_00003.safetensors.<random>.tmp", ".manifest.json.<random>.tmp"
-_TMP_SUFFIX = ".tmp"
+# temporaries (hidden: ".shard_00003.safetensors.<random>.tmp") come from fileio.write_atomic
 
 
 def shard_file(i: int) -> str:
@@ -64,40 +63,9 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, fsync it and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def _is_tmp(name: str) -> bool:
-    return name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX) and (
-        name.startswith(f"{_TMP_PREFIX}shard_") or name.startswith(f"{_TMP_PREFIX}{MANIFEST}")
+    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and (
+        name.startswith(f"{TMP_PREFIX}shard_") or name.startswith(f"{TMP_PREFIX}{MANIFEST}")
     )
 
 
@@ -286,7 +254,7 @@ class ShardWriter:
             "label": labels.detach().to("cpu", torch.int64).contiguous(),
             "index": indices.detach().to("cpu", torch.int64).contiguous(),
         }
-        _write_atomic(self.out_dir / shard_file(i), save(tensors, metadata={"kind": KIND, "shard": str(i)}))
+        write_atomic(self.out_dir / shard_file(i), save(tensors, metadata={"kind": KIND, "shard": str(i)}))
         shards = dict(self._manifest["shards"])
         shards[_shard_key(i)] = {"file": shard_file(i), "count": m}
         self._manifest["shards"] = dict(sorted(shards.items()))
@@ -303,7 +271,7 @@ class ShardWriter:
 
     def _save_manifest(self) -> None:
         data = json.dumps(self._manifest, indent=2).encode("utf-8")
-        _write_atomic(self.out_dir / MANIFEST, data)
+        write_atomic(self.out_dir / MANIFEST, data)
 
 
 class TokenShards(Dataset):

@@ -21,29 +21,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..fileio import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -68,11 +49,11 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_json_atomic(root / "latest", {"step": step, "dir": final.name})
+    write_atomic(root / "latest", json.dumps({"step": step, "dir": final.name}).encode())
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
