@@ -340,10 +340,7 @@ def tokenize(
             writer.write(shard, ids, assign, labels, torch.tensor(idx))
     writer.finish()
     wall = time.perf_counter() - t0
-    return {"out": str(out), "ckpt": str(path), "items": len(ds), "encoded": done, "skipped_shards": len(
-        [i for i in range(_num_shards(len(ds), shard_size)) if i not in pending]), "wall_s": wall,
-        "img_per_s": done / wall if wall > 0 else 0.0, "tokens": "sample" if tokens_sample else keep}
-
-
-def _num_shards(n: int, size: int) -> int:
-    return (n + size - 1) // size
+    total_shards = -(-len(ds) // shard_size)
+    return {"out": str(out), "ckpt": str(path), "items": len(ds), "encoded": done,
+            "skipped_shards": total_shards - len(pending), "wall_s": wall,
+            "img_per_s": done / wall if wall > 0 else 0.0, "tokens": "sample" if tokens_sample else keep}

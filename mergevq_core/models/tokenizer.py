@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..quant import LFQ, QuantOut, indices_to_codes
 from ..tome import merge_schedule
-from .decoder import Decoder, recover_full, to_grid
+from .decoder import AdaGN, Decoder, recover_full, to_grid
 from .encoder import AlignHead, CodeProjection, MergeEncoder
 from .recovery import SourceRecovery
 
@@ -44,8 +44,8 @@ class MergeVQTokenizer(nn.Module):
         self.recovery = SourceRecovery(m.recovery, cfg.quant.dim, m.n_tokens) if m.recovery.enabled else None
         self.align_head = AlignHead(m.encoder.dim, m.align_head.out_dim, m.align_head.kind) if m.align_head.kind != "none" else None
         self.apply(_init_weights)
-        for m in self.modules():  # modules whose own init the generic one above must not override
-            if hasattr(m, "reset_parameters") and m.__class__.__module__.startswith("mergevq_core"):
+        for m in self.modules():  # parts whose own init the generic one above must not override
+            if isinstance(m, (AdaGN, AlignHead)):
                 m.reset_parameters()
         nn.init.normal_(self.encoder.cls_token, std=1e-6)
 
