@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from .commands import generate as generate_cmd
 from .commands import info as info_cmd
 from .commands import reconstruct as reconstruct_cmd
 from .commands import tokenize as tokenize_cmd
+from .commands import train_ar as train_ar_cmd
 from .commands import train_tokenizer as train_tokenizer_cmd
 
 app = typer.Typer(
@@ -31,8 +33,10 @@ def _root(
 
 
 app.command("train-tokenizer", epilog=train_tokenizer_cmd.EXAMPLES)(train_tokenizer_cmd.train_tokenizer)
+app.command("train-ar", epilog=train_ar_cmd.EXAMPLES)(train_ar_cmd.train_ar)
 app.command("reconstruct", epilog=reconstruct_cmd.EXAMPLES)(reconstruct_cmd.reconstruct)
 app.command("tokenize", epilog=tokenize_cmd.EXAMPLES)(tokenize_cmd.tokenize)
+app.command("generate", epilog=generate_cmd.EXAMPLES)(generate_cmd.generate)
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 
 

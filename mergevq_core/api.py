@@ -31,9 +31,15 @@ class ModelInfo:
         }
 
 
-def model_info(recipe: str | Path, tokens: int | None = None, overrides: tuple[str, ...] | list[str] = ()) -> ModelInfo:
-    """Parameters per part and MACs at K, counted on the meta device (no data, no memory)."""
-    cfg = load_config(recipe, overrides)
+def model_info(recipe: str | Path, tokens: int | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Any:
+    """Parameters per part and MACs at K, counted on the meta device (no data, no memory). A generator recipe
+    (kind: ar) gives an `ARInfo`."""
+    from .config import ARRunConfig, load_any_config
+
+    any_cfg = load_any_config(recipe, overrides)
+    if isinstance(any_cfg, ARRunConfig):
+        return ar_info(any_cfg, str(recipe))
+    cfg = any_cfg
     keep = cfg.merge.keep if tokens is None else cfg.check_keep(tokens)
     return _tokenizer_info(cfg, keep, str(recipe))
 
@@ -81,13 +87,62 @@ def _tokenizer_info(cfg: RunConfig, keep: int, recipe: str) -> ModelInfo:
     )
 
 
+@dataclass
+class ARInfo:
+    recipe: str
+    generator: str
+    params: dict[str, int]  # trunk (blocks + final norm), embeddings (class + tokens), heads (incl. intra-position
+    #                         blocks of a factorised head), generator extras (M table / PI vector), total
+    gpt: dict[str, Any]
+    tokens: dict[str, Any]  # N, grid, vocabulary, sub-token bits, sequence length
+    kv_bytes_per_token: int  # bf16 keys + values over all layers
+    gflops_per_token: float  # 2 × matmul parameters read per decoded token (trunk + head), no attention
+    config: dict[str, Any] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "kind": "ar", "generator": self.generator, "params": self.params, "gpt": self.gpt,
+                "tokens": self.tokens, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "gflops_per_token": self.gflops_per_token}
+
+
+def ar_info(cfg: Any, recipe: str) -> ARInfo:
+    """Parameter counts of a generator recipe on the meta device; vocab/N/classes must be in the recipe."""
+    from dataclasses import asdict
+
+    import torch
+
+    from .eval.complexity import count_params
+    from .generators import build_generator
+
+    gcfg = cfg.gpt_config()
+    with torch.device("meta"):
+        gen = build_generator(cfg.generator.name, gcfg, **cfg.generator_options())
+    g = gen.gpt
+    params = {
+        "trunk": count_params(g.blocks) + count_params(g.norm),
+        "embeddings": count_params(g.cls_embed) + count_params(g.tok_embed),
+        "heads": count_params(g.heads) + count_params(g.factor_blocks) + (count_params(g.factor_norm) if g.factor_norm is not None else 0),
+        "generator_extra": sum(p.numel() for n, p in gen.named_parameters() if not n.startswith("gpt.")),
+    }
+    params["total"] = count_params(gen)
+    matmul = params["trunk"] + params["heads"]
+    seq = {"llamagen": gcfg.max_len, "mergear": gcfg.max_len + 1, "randar": 2 * gcfg.max_len}[cfg.generator.name]
+    return ARInfo(
+        recipe=recipe, generator=cfg.generator.name, params=params, gpt={**asdict(gcfg), "hidden": gcfg.hidden},
+        tokens={"N": gcfg.max_len, "grid": gen.grid, "vocab_size": gcfg.vocab_size, "sub_bits": list(gcfg.factorized),
+                "num_classes": gcfg.num_classes, "train_sequence": seq, **gen.options()},
+        kv_bytes_per_token=gcfg.kv_bytes_per_token(2), gflops_per_token=2 * matmul / 1e9, config=config_to_dict(cfg),
+    )
+
+
 # ----------------------------------------------------------------------------- training
 
 RUNS_DIR = Path("runs")
 
 
-def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR) -> Path | None:
-    """The most recently written run folder under `root` of this kind (and recipe stem) that holds a checkpoint."""
+def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR, where: Any = None) -> Path | None:
+    """The most recently written run folder under `root` of this kind (and recipe stem) that holds a checkpoint;
+    `where(config dict)` can filter further (e.g. by generator name)."""
     import json as _json
 
     from .train.checkpoint import CKPT_DIR
@@ -98,10 +153,12 @@ def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR) -> Pat
         if stem is not None and not run.name.startswith(f"{stem}-") and run.name != stem:
             continue
         try:
-            meta_kind = _json.loads((run / "config.json").read_text()).get("kind", "tokenizer")
+            run_cfg = _json.loads((run / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        if meta_kind == kind and pointer.stat().st_mtime > best_t:
+        if where is not None and not where(run_cfg):
+            continue
+        if run_cfg.get("kind", "tokenizer") == kind and pointer.stat().st_mtime > best_t:
             best, best_t = run, pointer.stat().st_mtime
     return best
 
@@ -152,6 +209,63 @@ def train_tokenizer(
             if ckpt is not None:
                 cfg = config_from_dict(apply_overrides(ck.read_meta(ckpt)["config"], extra))
         return fit_tokenizer(cfg, run_dir, dist, resume=resume, hooks=hooks)
+    finally:
+        cleanup()
+
+
+def train_ar(
+    recipe: str | Path, overrides: tuple[str, ...] | list[str] = (), tokens: str | Path | None = None,
+    generator: str | None = None, out: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
+    seed: int | None = None, device: str | None = None, hooks: Any = None,
+) -> Any:
+    """Stage-2 training (see `train.ar_loop`) on token shards. Returns an `ARTrainResult`.
+
+    `tokens` and `generator` override data.tokens and generator.name. The run folder is `out`, else
+    `runs/<recipe>-<generator>-<time>`; with `resume` and no `out`, the newest run of that recipe and generator."""
+    import time
+
+    from .config import ARRunConfig, _build, apply_overrides, load_ar_config
+    from .errors import CheckpointError
+    from .train import checkpoint as ck
+    from .train.ar_loop import fit_ar
+    from .train.dist import cleanup, init_distributed
+
+    extra = list(overrides)
+    if tokens is not None:
+        extra.append(f"data.tokens={Path(tokens)}")
+    if generator is not None:
+        extra.append(f"generator.name={generator}")
+    if max_steps is not None:
+        extra.append(f"train.max_steps={max_steps}")
+    if seed is not None:
+        extra.append(f"train.seed={seed}")
+    cfg = load_ar_config(recipe, extra)
+    stem = f"{Path(recipe).stem}-{cfg.generator.name}"
+    dist = init_distributed(device)
+    try:
+        if out is not None:
+            run_dir = Path(out)
+        elif resume:
+            found = newest_run("ar", stem)
+            if found is None:
+                raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
+            run_dir = found
+        else:
+            run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if dist.enabled:
+            import torch.distributed as tdist
+
+            box = [str(run_dir)]
+            tdist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        if resume:
+            ckpt = ck.latest_checkpoint(run_dir) if run_dir.exists() else None
+            if ckpt is not None:
+                saved = ck.read_meta(ckpt)
+                if saved.get("kind") != "ar":
+                    raise CheckpointError(f"{ckpt} is a {saved.get('kind')} checkpoint: resume it with its own command")
+                cfg = _build(ARRunConfig, apply_overrides(saved["config"], extra))
+        return fit_ar(cfg, run_dir, dist, resume=resume, hooks=hooks)
     finally:
         cleanup()
 
@@ -261,7 +375,7 @@ def _token_dataset(data: str | Path, size: int, limit: int | None, seed: int) ->
     evaluation view (shorter side → size, centre crop) that `reconstruct` uses."""
     from torch.utils.data import Subset
 
-    from .data import ImageFolder, PhotosDataset, ShapesDataset
+    from .data import SHAPE_CLASSES, ImageFolder, PhotosDataset, ShapesDataset
     from .data.views import recon_view
     from .errors import DataError
 
@@ -270,9 +384,11 @@ def _token_dataset(data: str | Path, size: int, limit: int | None, seed: int) ->
 
     p = Path(data)
     if p.is_dir():
-        ds, info = ImageFolder(p, view=view, seed=seed), {"source": "imagefolder", "root": str(p.resolve())}
+        ds = ImageFolder(p, view=view, seed=seed)
+        info = {"source": "imagefolder", "root": str(p.resolve()), "classes": list(ds.classes), "num_classes": len(ds.classes)}
     elif str(data) == "shapes":
-        ds, info = ShapesDataset(size, length=limit or 10_000, seed=seed, split="train"), {"source": "shapes", "seed": seed}
+        ds = ShapesDataset(size, length=limit or 10_000, seed=seed, split="train")
+        info = {"source": "shapes", "seed": seed, "classes": list(SHAPE_CLASSES), "num_classes": len(SHAPE_CLASSES)}
     elif str(data) == "photos":
         ds, info = PhotosDataset(view=view, seed=seed), {"source": "photos"}
     else:

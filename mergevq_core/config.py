@@ -330,6 +330,150 @@ class RunConfig:
         return keep
 
 
+# ----------------------------------------------------------------------------- stage 2 (kind: ar)
+
+GENERATOR_NAMES = ("llamagen", "mergear", "randar")
+GPT_SIZE_NAMES = ("tiny", "s", "b", "l", "xl", "xxl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTModelConfig:
+    size: str = "l"  # LlamaGen family preset for depth/dim/heads: tiny | s | b | l | xl | xxl
+    depth: int | None = None  # None: from the size preset
+    dim: int | None = None
+    heads: int | None = None
+    ffn_hidden: int | None = None  # None: LLaMA's round_up(8·dim/3, 256)
+    vocab_size: int | None = None  # None: the token shards' codebook size
+    n_tokens: int | None = None  # N grid positions; None: from the token shards
+    num_classes: int | None = None  # None: from the token shards' labels
+    factorized: tuple[int, ...] | None = None  # sub-token bits, LSB first; None: (6, 12) for 2^18, one head up to
+    factor_depth: int = 2  # 2^14, else two halves. [] forces one head. factor_depth: intra-position blocks
+    dropout: float = 0.1  # residual and FFN dropout
+    token_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self.size, "model.size", GPT_SIZE_NAMES)
+        for name in ("depth", "dim", "heads", "ffn_hidden", "vocab_size", "n_tokens", "num_classes"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"model.{name} must be >= 1")
+        if self.n_tokens is not None:
+            _check(math.isqrt(self.n_tokens) ** 2 == self.n_tokens, f"model.n_tokens={self.n_tokens} must be a square grid")
+        _check(self.factor_depth >= 0, "model.factor_depth must be >= 0")
+        for name in ("dropout", "token_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1)")
+
+    def sub_bits(self, vocab: int) -> tuple[int, ...]:
+        """The factorisation used for a codebook of `vocab` ids."""
+        if self.factorized is not None:
+            return self.factorized
+        bits = vocab.bit_length() - 1
+        if vocab <= 2**14 or 2**bits != vocab:
+            return ()
+        return (6, 12) if bits == 18 else (bits // 2, bits - bits // 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorConfig:
+    name: str = "llamagen"  # llamagen | mergear | randar
+    window: int | None = None  # mergear: Eq. 12 window w (positions seen besides representatives); None: grid + 1
+    mask_groups: str = "id"  # mergear: representatives by first occurrence of the id, or of the source group
+    tokens: int | None = None  # K at inference (mergear's M, randar's slots); None: most common K of the shards
+    steps: int | None = None  # randar parallel decoding steps; None: 88 for 256 tokens, 64 for 144
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "generator.name", GENERATOR_NAMES)
+        _one_of(self.mask_groups, "generator.mask_groups", ("id", "source"))
+        _check(self.window is None or self.window >= 1, "generator.window must be >= 1")
+        if self.tokens is not None:
+            _check(self.tokens >= 1 and math.isqrt(self.tokens) ** 2 == self.tokens, "generator.tokens must be a square")
+        _check(self.steps is None or self.steps >= 1, "generator.steps must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARDataConfig:
+    tokens: str | None = None  # token-shards folder from `mergevq tokenize` (or --tokens DIR)
+    val_items: int = 512  # items held out (the last ones) for the validation loss
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.val_items >= 1, "data.val_items must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARTrainConfig:
+    batch_size: int = 256  # global batch (all GPUs × accumulation)
+    micro_batch: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05  # matrices and embeddings only (never norms)
+    optimizer: str = "adamw"
+    schedule: str = "cosine"  # step | cosine
+    warmup_steps: int = 0
+    lr_drops: tuple[float, ...] = ()
+    epochs: int = 300
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+    label_drop: float = 0.1  # class → null class, for classifier-free guidance
+    label_smoothing: float = 0.0
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast on CUDA only)
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 2000
+    ckpt_every: int = 2000
+
+    def __post_init__(self) -> None:
+        _one_of(self.schedule, "train.schedule", ("step", "cosine"))
+        _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
+        _one_of(self.optimizer, "train.optimizer", ("adamw",))
+        _check(self.batch_size >= 1 and self.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(0.0 <= self.label_drop < 1.0, "train.label_drop must be in [0, 1)")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
+        for name in ("log_every", "eval_every", "ckpt_every", "epochs"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ARRunConfig:
+    kind: Literal["ar"] = "ar"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    model: GPTModelConfig = field(default_factory=GPTModelConfig)
+    data: ARDataConfig = field(default_factory=ARDataConfig)
+    train: ARTrainConfig = field(default_factory=ARTrainConfig)
+
+    def gpt_config(self, vocab_size: int | None = None, n_tokens: int | None = None, num_classes: int | None = None):
+        """The backbone's GPTConfig; values the recipe leaves null come from the arguments (the token shards)."""
+        from .models.gpt import GPT_SIZES, GPTConfig
+
+        m = self.model
+        vocab = m.vocab_size or vocab_size
+        n = m.n_tokens or n_tokens
+        classes = m.num_classes or num_classes
+        missing = [name for name, v in (("model.vocab_size", vocab), ("model.n_tokens", n), ("model.num_classes", classes)) if v is None]
+        _check(not missing, f"{', '.join(missing)} not set: give them in the recipe or train on token shards (--tokens DIR)")
+        depth, dim, heads = GPT_SIZES[m.size]
+        bits = m.sub_bits(int(vocab))  # type: ignore[arg-type]
+        try:
+            return GPTConfig(
+                vocab_size=int(vocab), max_len=int(n), num_classes=int(classes), depth=m.depth or depth,  # type: ignore[arg-type]
+                dim=m.dim or dim, heads=m.heads or heads, ffn_hidden=m.ffn_hidden, factorized=bits,
+                factor_depth=m.factor_depth if len(bits) >= 2 else 0, dropout=m.dropout, token_dropout=m.token_dropout,
+            )
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def generator_options(self, default_tokens: int | None = None) -> dict[str, Any]:
+        """Keyword options of the registered generator class."""
+        g = self.generator
+        if g.name == "mergear":
+            return {"window": g.window, "mask_groups": g.mask_groups, "default_tokens": g.tokens or default_tokens}
+        if g.name == "randar":
+            return {"default_tokens": g.tokens or default_tokens}
+        return {}
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -427,6 +571,11 @@ def parse_override(pair: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
     return keys, value
 
 
@@ -470,12 +619,41 @@ def config_from_dict(data: dict[str, Any], where: str = "") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a recipe, apply `--set` overrides and build the validated config tree."""
+    """Read a tokenizer recipe, apply `--set` overrides and build the validated config tree."""
+    if recipe_kind(read_yaml(path), path) == "ar":
+        raise ConfigError(f"{path} is a generator recipe (kind: ar): use `mergevq train-ar`")
+    cfg = load_any_config(path, overrides)
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"{path} is a generator recipe (kind: ar): use `mergevq train-ar`")
+    return cfg
+
+
+def recipe_kind(data: dict[str, Any], where: str | Path) -> str:
+    kind = data.get("kind", "tokenizer")
+    if kind not in ("tokenizer", "ar"):
+        raise ConfigError(f"{where}: kind={kind!r}: must be tokenizer or ar")
+    return kind
+
+
+def load_any_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig | ARRunConfig:
+    """A tokenizer (kind: tokenizer, the default) or generator (kind: ar) recipe with `--set` overrides."""
     data = apply_overrides(read_yaml(path), overrides)
     try:
+        if recipe_kind(data, path) == "ar":
+            return _build(ARRunConfig, data)
         return config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_ar_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ARRunConfig:
+    """Read a generator recipe (kind: ar)."""
+    if recipe_kind(read_yaml(path), path) != "ar":
+        raise ConfigError(f"{path} is a tokenizer recipe: use `mergevq train-tokenizer` (generator recipes say kind: ar)")
+    cfg = load_any_config(path, overrides)
+    if not isinstance(cfg, ARRunConfig):
+        raise ConfigError(f"{path} is a tokenizer recipe: use `mergevq train-tokenizer` (generator recipes say kind: ar)")
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

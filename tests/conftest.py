@@ -46,6 +46,16 @@ def set_args(overrides) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer_run(tmp_path_factory) -> Path:
+    """A 2-step tiny tokenizer run (FAST_TRAIN), shared by the reconstruct/tokenize and generate tests."""
+    from mergevq_core import api
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-1"
+    api.train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=out, max_steps=2, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
 def inception_stand_in(tmp_path_factory) -> Path:
     """A small local stand-in for the FID extractor: torch-fidelity's FeatureExtractorInceptionV3 with weight
     loading bypassed and Kaiming-initialised convs (default init makes features vanish), saved as a file."""

@@ -14,7 +14,7 @@ from mergevq_cli.app import app
 from .conftest import ROOT
 
 runner = CliRunner()
-BUILT = ["info", "train-tokenizer", "reconstruct", "tokenize"]  # commands that exist; the others are not listed until they work
+BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate"]  # commands that exist; the others are not listed until they work
 
 
 def mergevq(*args: str) -> subprocess.CompletedProcess:
@@ -52,6 +52,16 @@ def test_info_tokens_and_set():
     assert json.loads(res.stdout)["tokens"]["K"] == 49
 
 
+def test_info_on_a_generator_recipe():
+    res = runner.invoke(app, ["info", str(ROOT / "recipes" / "ar" / "mergear-l.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)
+    assert obj["kind"] == "ar" and obj["generator"] == "mergear" and abs(obj["params"]["total"] / 343e6 - 1) < 0.01
+    assert obj["tokens"]["window"] == 17 and obj["kv_bytes_per_token"] == 2 * 24 * 1024 * 2
+    res = runner.invoke(app, ["info", str(ROOT / "recipes" / "ar" / "tiny.yaml")])
+    assert res.exit_code == 0 and "8 + 8 bits" in res.output
+
+
 def test_info_table_output():
     res = mergevq("info", "recipes/gr.yaml")
     assert res.returncode == 0
@@ -65,6 +75,9 @@ def test_info_table_output():
         (["info", "pyproject.toml"], "malformed YAML"),
         (["info", "recipes/gr.yaml", "--tokens", "150"], "perfect square"),
         (["info", "recipes/gr.yaml", "--set", "model.decodr.depth=2"], "did you mean 'model.decoder'"),
+        (["info", "recipes/ar/tiny.yaml", "--set", "generator.window=0"], "generator.window must be >= 1"),
+        (["train-ar", "recipes/gr.yaml"], "tokenizer recipe"),
+        (["train-tokenizer", "recipes/ar/tiny.yaml"], "kind: ar"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, needle):

@@ -19,10 +19,8 @@ from .conftest import FAST_TRAIN, ROOT
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny-1"
-    api.train_tokenizer(ROOT / "recipes/tiny.yaml", FAST_TRAIN, out=out, max_steps=2, device="cpu")
-    return out
+def run(tiny_tokenizer_run):
+    return tiny_tokenizer_run
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,27 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_ar_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Training cross-entropy (per logged interval) and held-out validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]["ce"]) for r in rows if "loss" in r and "ce" in r["loss"]]
+    evals = [(r["step"], r["eval"]["val_loss"]) for r in rows if "eval" in r and "val_loss" in r["eval"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), lw=1.0, label="train CE (label drop on)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", ms=3, lw=1.4, label="validation CE")
+    ax.set(xlabel="step", ylabel="CE per token (nats)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,38 +1,55 @@
 """Stage-2 autoregressive backbone: a LLaMA-style class-conditional GPT with 2D RoPE (LlamaGen design).
 
-Shape letters: B batch, L sequence, H heads, D head dim, C model width, V vocabulary (V_i per sub-token).
+Shape letters: B batch, L sequence, H heads, D head dim, C model width, T cache slots, V vocabulary (V_i per
+sub-token).
 
-Sequence convention (teacher forcing): the input is [class, x_0 ... x_{L-2}] and the output at input position t
-predicts x_t, so logits have length L. The class token has no position (identity rotation); image token x_j carries
-the 2D position (rows[j], cols[j]) of its grid slot j.
+The backbone knows nothing about sequence layouts: a generator (`mergevq_core.generators`) builds the input
+embeddings and rotary angles of its layout ([class, x...] for LlamaGen, [class, M, x...] for MergeAR,
+[class, PI, x, PI, x ...] for RandAR) and calls the three entry points:
 
-Entry points: `forward` (training, teacher forcing), `prefill` (runs the class token into a `KVCache`) and
-`decode_step` (one token). Logits are a Tensor (B, ..., V) for a plain head and always a tuple of (B, ..., V_i), one
-per sub-token, for a factorised head: the form depends on the config, never on an argument.
+- `trunk(x, cos, sin, mask)`: teacher forcing over a whole sequence, returns normalised hidden states;
+- `trunk(x, cos, sin, cache=cache)` after `cache.begin(...)`: prefill (several tokens) or one decode step; the
+  `KVCache` is an explicit object owned by the caller;
+- `logits(h, targets)` for training and `sample_ids(h, pick)` for decoding.
+
+Output heads: a plain head over V ids, or a factorised head for large LFQ codebooks (2^18 = 2^6 · 2^12 as in the
+public release): an id is split into sub-tokens by bits (LSB first) and each is predicted by its own head. With
+`factor_depth > 0` (the release uses 2) a small transformer runs inside each position over
+[h, e_0(s_0), ..., e_{n-2}(s_{n-2})], so sub-token i is predicted knowing sub-tokens 0..i-1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..nn.rope import apply_rope, grid_positions, identity_rope, rope_2d
+from ..nn.rope import apply_rope, identity_rope, rope_2d
 
 __all__ = [
-    "GPT", "Attention", "Block", "GPTConfig", "KVCache", "KVLayer", "Logits", "RMSNorm", "SwiGLU", "gpt_l", "gpt_tiny",
+    "GPT", "Attention", "Block", "GPTConfig", "KVCache", "Logits", "RMSNorm", "SwiGLU", "gpt_config", "gpt_l",
+    "gpt_tiny", "GPT_SIZES",
 ]
 
 Logits = Tensor | tuple[Tensor, ...]
 
+# name: (depth, dim, heads), LlamaGen's family (head dim 64)
+GPT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 32, 4), "s": (6, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (36, 1280, 20),
+    "xxl": (48, 1536, 24),
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
-    """vocab_size: codebook size V. max_len: max image tokens N. factorized: sub-token bit widths, LSB first
-    (e.g. (6, 12) for V = 2^18); () means one plain head. ffn_hidden None follows LLaMA: round_up(8C/3, 256)."""
+    """vocab_size: codebook size V. max_len: image tokens N of the grid (default positions). factorized: sub-token
+    bit widths, LSB first (e.g. (6, 12) for V = 2^18); () means one plain head. factor_depth: blocks of the
+    intra-position transformer of a factorised head (0 = independent heads). ffn_hidden None follows LLaMA:
+    round_up(8C/3, 256). dropout: residual and FFN dropout; token_dropout: on the input embeddings."""
 
     vocab_size: int
     max_len: int
@@ -42,7 +59,9 @@ class GPTConfig:
     ffn_hidden: int | None = None
     num_classes: int = 1000
     factorized: tuple[int, ...] = ()
+    factor_depth: int = 0
     dropout: float = 0.0
+    token_dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
 
@@ -62,8 +81,11 @@ class GPTConfig:
                 raise ValueError(f"factorized bit widths must be positive, got {self.factorized}")
             if 2 ** sum(self.factorized) != self.vocab_size:
                 raise ValueError(f"factorized bits {self.factorized} must sum to log2(vocab_size={self.vocab_size})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.factor_depth < 0 or (self.factor_depth and len(self.factorized) < 2):
+            raise ValueError("factor_depth needs a factorised head with at least two sub-tokens")
+        for name in ("dropout", "token_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.norm_eps <= 0 or self.rope_base <= 0:
             raise ValueError("norm_eps and rope_base must be positive")
 
@@ -82,87 +104,157 @@ class GPTConfig:
         """Vocabulary of each sub-token: (V,) for a plain head, (2^b_0, 2^b_1, ...) when factorised."""
         return tuple(2**b for b in self.factorized) or (self.vocab_size,)
 
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Bytes one cached token costs over all layers (keys and values)."""
+        return 2 * self.depth * self.dim * bytes_per_value
 
-def gpt_l(vocab_size: int, max_len: int, factorized: tuple[int, ...] = ()) -> GPTConfig:
+
+def gpt_config(size: str, vocab_size: int, max_len: int, **kw) -> GPTConfig:
+    """A GPTConfig of a named size from `GPT_SIZES` (tiny, s, b, l, xl, xxl); `kw` overrides any field."""
+    if size not in GPT_SIZES:
+        raise ValueError(f"unknown GPT size {size!r}; choose one of {', '.join(GPT_SIZES)}")
+    depth, dim, heads = GPT_SIZES[size]
+    return GPTConfig(**{"vocab_size": vocab_size, "max_len": max_len, "depth": depth, "dim": dim, "heads": heads, **kw})
+
+
+def gpt_l(vocab_size: int, max_len: int, factorized: tuple[int, ...] = (), factor_depth: int = 0) -> GPTConfig:
     """LlamaGen-L: 24 layers, width 1024, 16 heads, SwiGLU hidden 2816."""
-    return GPTConfig(vocab_size=vocab_size, max_len=max_len, factorized=factorized, dim=1024, depth=24, heads=16)
+    return gpt_config("l", vocab_size, max_len, factorized=factorized, factor_depth=factor_depth)
 
 
-def gpt_tiny(vocab_size: int = 64, max_len: int = 16, factorized: tuple[int, ...] = ()) -> GPTConfig:
+def gpt_tiny(vocab_size: int = 64, max_len: int = 16, factorized: tuple[int, ...] = (), factor_depth: int = 0) -> GPTConfig:
     """A CPU test size: 2 layers, width 32, 4 heads, 10 classes."""
-    return GPTConfig(vocab_size=vocab_size, max_len=max_len, factorized=factorized, dim=32, depth=2, heads=4,
-                     num_classes=10)
+    return gpt_config("tiny", vocab_size, max_len, factorized=factorized, factor_depth=factor_depth, num_classes=10)
+
+
+# ----------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, (depth, B, H, T, D) each, and the live length.
+    """Preallocated keys and values of every layer, (depth, B, H, T, D) each, with a validity mask (B, T).
 
-    Each layer writes its new K/V at slots [length, length + n) through `append`, which returns views of the live
-    slots only; `advance(n)` is called once per step after all layers. Keys are cached after RoPE, so `keep` can
-    compact the live slots to any subset without touching positions. Meant for inference (no_grad).
+    Keys are stored after RoPE, so a slot can hold any position and slot order does not matter. A step is
+    `begin(n, slots)`, then every layer's attention calls `update`, then `end()`:
+
+    - `begin(n)` writes the n new tokens of every sequence contiguously at slots [used, used + n);
+    - `begin(1, slots)` writes one token per sequence at its own slot (B,), e.g. one freed by `free` (MergeAR);
+    - `free(slots)` invalidates one slot per sequence (-1 = none); `truncate(n)` drops slots [n, used).
+
+    Attention reads the first `used` slots (a cache sliced to the live length) or, with `static=True`, the whole
+    buffer under a mask (LlamaGen's layout, kept as a benchmark baseline). While every slot below `used` is valid
+    and a step has one token, no mask is built at all.
     """
 
-    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        self.k = torch.zeros(depth, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+    def __init__(self, depth: int, batch: int, heads: int, capacity: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, static: bool = False) -> None:
+        self.k = torch.zeros(depth, batch, heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.static = static
+        self.used = 0
+        self._dense = True  # every slot in [0, used) is valid
+        self._pending: tuple[int, int, Tensor | None, int] | None = None  # (start, n, per-sequence slots, top)
+        self.mask: Tensor | None = None
 
     @property
-    def max_len(self) -> int:
+    def capacity(self) -> int:
         return self.k.shape[3]
 
-    def slice_length(self) -> int:
-        """Number of live slots: attention reads exactly this many keys (plus the step's new ones)."""
-        return self.length
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, n, D) at the current slots of `layer`; return that layer's (B, H, length + n, D) views."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    @property
+    def length(self) -> int:
+        """Slots attention reads when no step is pending (the high-water mark of written slots)."""
+        return self.used
 
-    def advance(self, n: int = 1) -> None:
-        if self.length + n > self.max_len:
-            raise ValueError(f"KV cache overflow: advancing to {self.length + n} of {self.max_len}")
-        self.length += n
+    def live(self) -> Tensor:
+        """Valid slots per sequence, (B,) long."""
+        return self.valid.sum(1)
+
+    def nbytes(self) -> int:
+        """Bytes of the allocated key and value buffers."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def begin(self, n: int, slots: Tensor | None = None) -> None:
+        """Reserve room for the next n tokens of every sequence (see the class docstring) and build the mask."""
+        if self._pending is not None:
+            raise RuntimeError("KVCache.begin called twice without end()")
+        start = self.used
+        if slots is None:
+            end = start + n
+            if end > self.capacity:
+                raise ValueError(f"KV cache overflow: {end} slots needed, {self.capacity} allocated")
+            self.valid[:, start:end] = True
+            keys = self.capacity if self.static else end
+            if self._dense and not self.static:
+                self.mask = None  # plain causal: handled without a mask
+            else:
+                j = torch.arange(keys, device=self.valid.device)
+                i = torch.arange(n, device=self.valid.device)
+                mask = self.valid[:, None, :keys] & (j[None, None, :] <= start + i[None, :, None])  # (B, n, keys)
+                self.mask = mask[:, None]  # (B, 1, n, keys)
+            self._pending = (start, n, None, end)
+            return
+        if n != 1 or slots.shape != (self.batch,):
+            raise ValueError(f"per-sequence slots need n = 1 and shape ({self.batch},), got n={n}, {tuple(slots.shape)}")
+        top = int(slots.max()) + 1
+        if top > self.capacity or int(slots.min()) < 0:
+            raise ValueError(f"KV cache slots must lie in [0, {self.capacity}), got up to {top - 1}")
+        rows = torch.arange(self.batch, device=slots.device)
+        self.valid[rows, slots] = True
+        keys = self.capacity if self.static else max(self.used, top)
+        dense = self._dense and bool((slots == self.used).all()) and not self.static
+        self.mask = None if dense else self.valid[:, None, None, :keys]
+        self._pending = (self.used, 1, slots, top)
+        if not dense:
+            self._dense = False
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write this step's k, v (B, H, n, D) of `layer`; return all keys and values attention reads, and the mask
+        (None = causal over the new tokens; else bool (B, 1, n, keys), True = may attend)."""
+        if self._pending is None:
+            raise RuntimeError("KVCache.update called outside begin()/end()")
+        start, n, slots, top = self._pending
+        if slots is None:
+            self.k[layer, :, :, start:start + n] = k
+            self.v[layer, :, :, start:start + n] = v
+        else:
+            rows = torch.arange(self.batch, device=slots.device)
+            self.k[layer, rows, :, slots] = k[:, :, 0]
+            self.v[layer, rows, :, slots] = v[:, :, 0]
+        keys = self.capacity if self.static else max(self.used, top)
+        return self.k[layer, :, :, :keys], self.v[layer, :, :, :keys], self.mask
+
+    def end(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("KVCache.end called without begin()")
+        self.used = max(self.used, self._pending[3])
+        self._pending = None
+        self.mask = None
+
+    def free(self, slots: Tensor) -> None:
+        """Invalidate slot slots[b] of sequence b; -1 leaves that sequence alone."""
+        hit = slots >= 0
+        if bool(hit.any()):
+            rows = torch.arange(self.batch, device=slots.device)[hit]
+            self.valid[rows, slots[hit]] = False
+            self._dense = False
+
+    def truncate(self, n: int) -> None:
+        """Drop slots [n, used) of every sequence (RandAR re-encodes them in the next step)."""
+        if not 0 <= n <= self.used:
+            raise ValueError(f"truncate to {n}: the cache holds {self.used} slots")
+        self.valid[:, n:] = False
+        self.used = n
 
     def reset(self) -> None:
-        self.length = 0
-
-    def keep(self, indices: Tensor) -> None:
-        """Compact the live slots to `indices` (kept in the given order): (n,) shared by the batch, or (B, n)."""
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.length):
-            raise ValueError(f"keep indices must lie in [0, {self.length})")
-        n = indices.shape[-1]
-        for buf in (self.k, self.v):
-            if indices.dim() == 1:
-                kept = buf[:, :, :, indices.to(buf.device)]  # (depth, B, H, n, D), a copy
-            elif indices.dim() == 2:
-                depth, _, heads, _, dh = buf.shape
-                idx = indices.to(buf.device)[None, :, None, :, None].expand(depth, -1, heads, n, dh)
-                kept = buf[:, :, :, : self.length].gather(3, idx)
-            else:
-                raise ValueError(f"keep indices must be (n,) or (B, n), got {tuple(indices.shape)}")
-            buf[:, :, :, :n] = kept
-        self.length = n
-
-    def layer(self, index: int) -> KVLayer:
-        return KVLayer(self, index)
+        self.valid.zero_()
+        self.used, self._dense, self._pending, self.mask = 0, True, None, None
 
 
-@dataclass(frozen=True)
-class KVLayer:
-    """One layer's view of a `KVCache`, handed to that layer's attention."""
-
-    cache: KVCache
-    index: int
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cache.append(self.index, k, v)
+# ----------------------------------------------------------------------------- layers
 
 
 class RMSNorm(nn.Module):
@@ -199,28 +291,26 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: KVLayer | None = None) -> Tensor:
-        """x (B, L, C); cos, sin (L, D/2) or (B, L, D/2); mask None = causal, else boolean (True = may attend) or
-        additive, (L, T) or (B, L, T) with T the number of keys (cached + new)."""
-        q, k, v = (rearrange(w(x), "b l (h d) -> b h l d", h=self.heads) for w in (self.wq, self.wk, self.wv))
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x (B, L, C); cos, sin (L, D/2) or (B, L, D/2); mask (no cache) None = causal, else bool (True = may
+        attend) or additive, (L, L) or (B, L, L). With a cache the mask comes from the cache."""
+        q, k, v = rearrange(self.wqkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
         if cache is not None:
-            start = cache.cache.length
-            k, v = cache.append(k, v)  # (B, H, T, D), T = start + L
-        n_new, n_keys = q.shape[2], k.shape[2]
-        causal = False
-        if mask is None and n_new > 1:
-            if start == 0:
-                causal = True
-            else:  # new queries see every cached key and the new keys up to themselves
-                i = torch.arange(n_new, device=x.device)[:, None]
-                mask = torch.arange(n_keys, device=x.device)[None, :] <= start + i  # (L, T)
-        elif mask is not None and mask.dim() == 3:
-            mask = mask[:, None]  # (B, 1, L, T)
+            k, v, mask = cache.update(layer, k, v)  # (B, H, T, D)
+            causal = mask is None and q.shape[2] > 1
+            if causal and k.shape[2] > q.shape[2]:  # new queries after cached keys: bottom-right causal
+                n, t = q.shape[2], k.shape[2]
+                mask = torch.arange(t, device=x.device)[None] <= (t - n) + torch.arange(n, device=x.device)[:, None]
+                causal = False
+        else:
+            causal = mask is None
+            if mask is not None and mask.dim() == 3:
+                mask = mask[:, None]  # (B, 1, L, L)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, D)
@@ -239,18 +329,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: KVLayer | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
-class GPT(nn.Module):
-    """Class-conditional GPT over (optionally factorised) token ids.
+# ----------------------------------------------------------------------------- model
 
-    The class table has num_classes + 1 rows; the last is the null class for CFG. A factorised vocabulary splits an
-    id by bits, LSB first (sub-token 0 = low bits), sums one embedding per sub-token and predicts each sub-token with
-    its own head from the same hidden state. The public release instead conditions the second sub-token on the first
-    through two extra transformer blocks per position; that is left out here.
+
+class GPT(nn.Module):
+    """Class-conditional GPT over (optionally factorised) token ids; see the module docstring.
+
+    The class table has num_classes + 1 rows; the last is the null class for CFG.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -258,9 +348,11 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.cls_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim)
         self.tok_embed = nn.ModuleList(nn.Embedding(v, cfg.dim) for v in cfg.sub_vocab)
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = nn.Dropout(cfg.token_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.factor_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.factor_depth))
+        self.factor_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.factor_depth else None
         self.heads = nn.ModuleList(nn.Linear(cfg.dim, v, bias=False) for v in cfg.sub_vocab)
         self.apply(self._init_weights)
         for head in self.heads:
@@ -271,10 +363,14 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ---------------------------------------------------------------- ids and logits
+    # ---------------------------------------------------------------- ids and embeddings
     def split_ids(self, ids: Tensor) -> tuple[Tensor, ...]:
         """Full ids (any shape) -> one id tensor per sub-token, LSB first; (ids,) for a plain head."""
         if not self.cfg.factorized:
@@ -285,7 +381,7 @@ class GPT(nn.Module):
             shift += bits
         return tuple(parts)
 
-    def join_ids(self, parts: tuple[Tensor, ...]) -> Tensor:
+    def join_ids(self, parts: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
         """Inverse of `split_ids`."""
         ids, shift = torch.zeros_like(parts[0]), 0
         for part, bits in zip(parts, self.cfg.factorized or (0,), strict=True):
@@ -293,83 +389,86 @@ class GPT(nn.Module):
             shift += bits
         return ids
 
-    def _embed_tokens(self, ids: Tensor) -> Tensor:
-        return sum(emb(p) for emb, p in zip(self.tok_embed, self.split_ids(ids), strict=True))  # (B, L, C)
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """(B, L) full ids -> (B, L, C): the sum of the sub-token embeddings."""
+        return sum(emb(p) for emb, p in zip(self.tok_embed, self.split_ids(ids), strict=True))  # type: ignore[return-value]
 
-    def _logits(self, h: Tensor) -> Logits:
-        out = tuple(head(h) for head in self.heads)  # (B, ..., V_i) each
-        return out if self.cfg.factorized else out[0]
+    def embed_class(self, labels: Tensor) -> Tensor:
+        """(B,) labels in [0, num_classes] (num_classes = null) -> (B, C)."""
+        return self.cls_embed(labels)
 
-    def _positions(self, rows: Tensor | None, cols: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
-        if (rows is None) != (cols is None):
-            raise ValueError("give both rows and cols, or neither")
-        if rows is None or cols is None:
-            return grid_positions(self.cfg.max_len, device=device)
-        return rows.to(device), cols.to(device)
+    def rope(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (..., D/2) of grid positions of any shape."""
+        return rope_2d(self.cfg.head_dim, rows, cols, self.cfg.rope_base)
 
-    def _run(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        x = self.embed_drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, None if cache is None else cache.layer(i))
-        return self.norm(x)
+    def prefix_rope(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin (n, D/2) of position-free prefix tokens (identity rotation)."""
+        return identity_rope(self.cfg.head_dim, n, device=device)
 
     # ---------------------------------------------------------------- entry points
-    def forward(self, ids: Tensor, labels: Tensor, rows: Tensor | None = None, cols: Tensor | None = None,
-                mask: Tensor | None = None) -> Logits:
-        """Teacher forcing: input [class, x_0 .. x_{L-2}] predicts [x_0 .. x_{L-1}].
+    def trunk(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+              cache: KVCache | None = None) -> Tensor:
+        """Input embeddings x (B, L, C) with rotations cos, sin ((L, D/2) or (B, L, D/2)) -> normalised hidden
+        states (B, L, C). Without a cache, mask None means causal. With a cache, call `cache.begin` first and
+        `cache.end` after; the mask is the cache's."""
+        if cache is not None and mask is not None:
+            raise ValueError("with a KV cache the attention mask comes from the cache")
+        x = self.embed_drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        return self.norm(x)
 
-        Shapes: ids (B, L) full ids; labels (B,) in [0, num_classes] (num_classes = null class); rows, cols (N,) or
-        (B, N) grid position of each slot, N >= L - 1, raster over max_len by default; mask (L, L) or (B, L, L),
-        True = may attend, replaces the causal default. Returns (B, L, V), or a tuple of (B, L, V_i) if factorised.
-        """
-        B, L = ids.shape
-        rows, cols = self._positions(rows, cols, ids.device)
-        x = torch.cat([self.cls_embed(labels)[:, None], self._embed_tokens(ids[:, :-1])], dim=1)  # (B, L, C)
-        cos, sin = rope_2d(self.cfg.head_dim, rows[..., : L - 1], cols[..., : L - 1], self.cfg.rope_base)
-        one, zero = identity_rope(self.cfg.head_dim, *cos.shape[:-2], 1, device=ids.device)
-        cos, sin = torch.cat([one, cos], dim=-2), torch.cat([zero, sin], dim=-2)  # (L, D/2) or (B, L, D/2)
-        return self._logits(self._run(x, cos, sin, mask, None))
+    def _factor(self, h: Tensor, prev: list[Tensor]) -> Tensor:
+        """Intra-position transformer over [h, e_0(prev_0), ...]: h (R, C), prev (R,) each -> last state (R, C)."""
+        seq = torch.stack([h, *(self.tok_embed[i](p) for i, p in enumerate(prev))], dim=1)  # (R, 1 + len(prev), C)
+        cos, sin = self.prefix_rope(seq.shape[1], h.device)
+        for block in self.factor_blocks:
+            seq = block(seq, cos, sin)
+        return self.factor_norm(seq[:, -1])  # type: ignore[misc]
 
-    def loss(self, logits: Logits, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        """Mean cross-entropy over positions, summed over sub-tokens. targets (B, L) full ids."""
+    def logits(self, h: Tensor, targets: Tensor | None = None) -> Logits:
+        """Teacher-forced logits of hidden states h (B, L, C): (B, L, V), or a tuple of (B, L, V_i) for a
+        factorised head. The intra-position transformer (factor_depth > 0) needs the target ids (B, L)."""
+        if not self.factor_blocks:
+            out = tuple(head(h) for head in self.heads)
+            return out if self.cfg.factorized else out[0]
+        if targets is None:
+            raise ValueError("a factorised head with factor_depth > 0 needs the target ids")
+        B, L, C = h.shape
+        subs = self.split_ids(targets.reshape(B * L))
+        seq = torch.stack([h.reshape(B * L, C), *(self.tok_embed[i](s) for i, s in enumerate(subs[:-1]))], dim=1)
+        cos, sin = self.prefix_rope(seq.shape[1], h.device)
+        for block in self.factor_blocks:
+            seq = block(seq, cos, sin)
+        seq = self.factor_norm(seq)  # type: ignore[misc]
+        return tuple(head(seq[:, i]).reshape(B, L, -1) for i, head in enumerate(self.heads))
+
+    def sample_ids(self, h: Tensor, pick: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Decode one id per row of h (R, C): for each sub-token i in order, `pick(i, logits (R, V_i))` returns the
+        chosen sub-ids (R,) (it applies CFG and sampling); returns the joined full ids (R,)."""
+        if not self.cfg.factorized:
+            return pick(0, self.heads[0](h))
+        chosen: list[Tensor] = []
+        for i, head in enumerate(self.heads):
+            state = self._factor(h, chosen) if self.factor_blocks else h
+            chosen.append(pick(i, head(state)))
+        return self.join_ids(chosen)
+
+    def loss(self, logits: Logits, targets: Tensor, label_smoothing: float = 0.0, ignore_index: int = -100) -> Tensor:
+        """Mean cross-entropy over positions, summed over sub-tokens. targets (B, L) full ids; `ignore_index`
+        positions (padding) count for nothing."""
         parts = logits if isinstance(logits, tuple) else (logits,)
-        return sum(
-            F.cross_entropy(rearrange(lg, "b l v -> (b l) v").float(), t.flatten(), label_smoothing=label_smoothing)
-            for lg, t in zip(parts, self.split_ids(targets), strict=True)
+        keep = targets != ignore_index
+        subs = self.split_ids(targets.clamp_min(0))
+        return sum(  # type: ignore[return-value]
+            F.cross_entropy(rearrange(lg, "b l v -> (b l) v").float(), torch.where(keep, t, ignore_index).flatten(),
+                            label_smoothing=label_smoothing, ignore_index=ignore_index)
+            for lg, t in zip(parts, subs, strict=True)
         )
 
-    def new_cache(self, batch: int, max_len: int | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache for `batch` sequences; max_len slots default to 1 + cfg.max_len (class + image tokens)."""
+    def new_cache(self, batch: int, capacity: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+        """An empty cache of `capacity` slots for `batch` sequences, in the model's device and dtype by default."""
         ref = self.cls_embed.weight
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, max_len or self.cfg.max_len + 1, self.cfg.head_dim,
-                       device=device or ref.device, dtype=dtype or ref.dtype)
-
-    def prefill(self, labels: Tensor, cache: KVCache) -> Logits:
-        """Run the class tokens labels (B,) into an empty cache; return logits for x_0: (B, V) or tuple of (B, V_i)."""
-        if cache.length:
-            raise ValueError(f"prefill needs an empty cache, it holds {cache.length} slots")
-        x = self.cls_embed(labels)[:, None]  # (B, 1, C)
-        cos, sin = identity_rope(self.cfg.head_dim, 1, device=x.device)
-        h = self._run(x, cos, sin, None, cache)
-        cache.advance(1)
-        return self._logits(h[:, -1])
-
-    def decode_step(self, ids: Tensor, pos: int | Tensor, cache: KVCache, rows: Tensor | None = None,
-                    cols: Tensor | None = None) -> Logits:
-        """Feed one token per sequence and return the next token's logits: (B, V) or a tuple of (B, V_i).
-
-        Shapes: ids (B,) full ids; pos int or (B,): the grid slot of ids, whose 2D position is (rows[pos], cols[pos]);
-        rows, cols (N,) or (B, N), raster over max_len by default.
-        """
-        B = ids.shape[0]
-        rows, cols = self._positions(rows, cols, ids.device)
-        slot = torch.as_tensor(pos, device=ids.device).expand(B)  # (B,)
-        if rows.dim() == 1:
-            r, c = rows[slot], cols[slot]
-        else:
-            r, c = rows.gather(1, slot[:, None])[:, 0], cols.gather(1, slot[:, None])[:, 0]
-        cos, sin = rope_2d(self.cfg.head_dim, r[:, None], c[:, None], self.cfg.rope_base)  # (B, 1, D/2)
-        h = self._run(self._embed_tokens(ids[:, None]), cos, sin, None, cache)
-        cache.advance(1)
-        return self._logits(h[:, -1])
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, capacity, self.cfg.head_dim,
+                       device=device or ref.device, dtype=dtype or ref.dtype, static=static)

@@ -105,15 +105,16 @@ def _uses_align(cfg: RunConfig) -> bool:
 class BatchStream:
     """Endless micro-batches over epochs with an exact, checkpointable position."""
 
-    def __init__(self, dataset, cfg: RunConfig, dist: DistInfo) -> None:
+    def __init__(self, dataset, micro_batch: int, seed: int, num_workers: int, dist: DistInfo,
+                 collate_fn: Callable | None = None, what: str = "training images") -> None:
         from ..data import ResumableSampler
 
         self.dataset = dataset
-        self.sampler = ResumableSampler(len(dataset), cfg.train.micro_batch, seed=cfg.train.seed, rank=dist.rank,
+        self.sampler = ResumableSampler(len(dataset), micro_batch, seed=seed, rank=dist.rank,
                                         world_size=dist.world_size, shuffle=True, drop_last=True)
         if self.sampler.batches_per_epoch < 1:
-            raise DataError(f"{len(dataset)} training images are fewer than one batch of {cfg.train.micro_batch} per process")
-        self.kwargs = dict(batch_size=cfg.train.micro_batch, num_workers=cfg.data.num_workers, drop_last=True,
+            raise DataError(f"{len(dataset)} {what} are fewer than one batch of {micro_batch} per process")
+        self.kwargs = dict(batch_size=micro_batch, num_workers=num_workers, drop_last=True, collate_fn=collate_fn,
                            pin_memory=dist.device.type == "cuda", persistent_workers=False)
         self.epoch, self.done = 0, 0
         self._it = None
@@ -129,7 +130,8 @@ class BatchStream:
         while True:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.done)
-                self.dataset.set_epoch(self.epoch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(self.epoch)
                 self._it = iter(DataLoader(self.dataset, sampler=self.sampler, **self.kwargs))
             try:
                 batch = next(self._it)
@@ -173,7 +175,7 @@ def fit_tokenizer(
     accum = tc.batch_size // per_step
     align = _uses_align(cfg)
     train_set = build_dataset(cfg, "train", align=align)
-    stream = BatchStream(train_set, cfg, dist)
+    stream = BatchStream(train_set, tc.micro_batch, tc.seed, cfg.data.num_workers, dist)
     steps_per_epoch = max(1, stream.sampler.batches_per_epoch // accum)
     total = tc.max_steps or tc.epochs * steps_per_epoch
 

@@ -1,0 +1,139 @@
+"""Class consistency of generated samples: does a classifier see the class that was asked for?
+
+A small CNN is trained on the generator's own labelled data (the built-in shapes, or the image folder the token
+shards came from), on real images and on their reconstructions through the same tokenizer, so that it judges
+the class and not the tokenizer's blur; its accuracy on held-out real and reconstructed images is reported next
+to the consistency, as the ceiling a perfect generator could reach. The classifier is cached per dataset,
+image size and tokenizer under `runs/classifiers/`, written atomically (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DataError
+from ..fileio import write_atomic
+
+__all__ = ["SmallCNN", "classifier_for", "consistency"]
+
+CLASSIFIER_DIR = Path("runs") / "classifiers"
+
+
+class SmallCNN(nn.Module):
+    """Three conv stages (w, 2w, 4w channels, GroupNorm, SiLU), global pooling and a linear layer."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate((width, 2 * width, 4 * width)):
+            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _labelled_images(data: dict[str, Any], size: int, count: int, split: str) -> tuple[Tensor, Tensor]:
+    """Real images in [-1, 1] (M, 3, size, size) with labels (M,) from the shards' dataset description."""
+    source = data.get("source")
+    if source == "shapes":
+        from ..data import ShapesDataset
+
+        ds = ShapesDataset(size, length=count, seed=int(data.get("seed", 0)) + 7919, split=split)
+        return torch.stack([ds.render(i) for i in range(count)]), torch.tensor([ds.label(i) for i in range(count)])
+    if source == "imagefolder" and data.get("root"):
+        from ..data import ImageFolder
+        from ..data.views import recon_view
+
+        ds = ImageFolder(Path(data["root"]), view=lambda img, g: {"image": recon_view(img, size, g, train=False)}, seed=0)
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        idx = torch.randperm(len(ds), generator=g)[:count].tolist()
+        items = [ds[i] for i in idx]
+        return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+    raise DataError(f"class consistency needs labelled data (shapes or an image folder); the shards came from {source!r}")
+
+
+def _reconstruct(tok: Any, images: Tensor, k: int, device: torch.device, batch: int = 256) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch].to(device)
+            out.append(tok(x, tokens=k)[0].clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(images[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(images), 512)])
+    return float((pred == labels).float().mean())
+
+
+def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: int, size: int, k: int,
+                   device: torch.device, train_count: int = 4000, epochs: int = 5, seed: int = 0,
+                   root: Path = CLASSIFIER_DIR, note: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict[str, Any]]:
+    """The cached classifier for this dataset, size and tokenizer, trained now if missing. Returns it and its
+    report: accuracy on held-out real images and on their reconstructions at K."""
+    from safetensors.torch import load_file, save
+
+    key = f"{data.get('source')}-{size}px-{tok_hash[:12]}"
+    folder = root / key
+    model = SmallCNN(num_classes).to(device)
+    if (folder / "meta.json").is_file() and (folder / "classifier.safetensors").is_file():
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("num_classes") == num_classes:
+            model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
+            return model.eval(), meta
+    note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
+    t0 = time.perf_counter()
+    x_real, y = _labelled_images(data, size, train_count, "train")
+    x_rec = _reconstruct(tok, x_real, k, device)
+    x, y2 = torch.cat([x_real, x_rec]), torch.cat([y, y])
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * (len(x) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - 127, 128):
+            b = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[b].to(device)), y2[b].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    xv, yv = _labelled_images(data, size, 1000, "val")
+    meta = {"num_classes": num_classes, "size": size, "tokens": k, "tokenizer_hash": tok_hash, "data": data,
+            "train_images": 2 * train_count, "val_acc_real": _accuracy(model, xv, yv, device),
+            "val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
+            "train_s": time.perf_counter() - t0}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))
+    write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
+    return model.eval(), meta
+
+
+def consistency(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> dict[str, Any]:
+    """Fraction of samples (float [-1, 1] (M, 3, H, W)) classified as the class they were generated for, overall
+    and per class."""
+    acc = []
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(images[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(images), 512)])
+    hit = pred == labels
+    for c in sorted(set(labels.tolist())):
+        acc.append((c, float(hit[labels == c].float().mean())))
+    return {"consistency": float(hit.float().mean()), "per_class": {str(c): a for c, a in acc}, "samples": len(labels)}

@@ -1,0 +1,135 @@
+"""`mergevq generate` end to end on a tiny tokenizer → shards → generator pipeline built in the fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mergevq_core import api
+from mergevq_core.errors import CheckpointError, ConfigError
+from mergevq_core.generation import generate_images
+from mergevq_core.generators import SamplingSettings
+
+from .conftest import ROOT
+
+GENS = ("llamagen", "mergear", "randar")
+AR_FAST = ("model.depth=1", "model.dim=32", "model.heads=4", "model.vocab_size=null", "model.n_tokens=null",
+           "model.num_classes=null", "train.batch_size=16", "train.micro_batch=16", "train.eval_every=1000",
+           "train.ckpt_every=1000", "data.val_items=16")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_tokenizer_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    api.tokenize("shapes", root / "tokens", ckpt=tiny_tokenizer_run, tokens_sample=True, limit=96, device="cpu",
+                 batch=48, shard_size=48)
+    for g in GENS:
+        api.train_ar(ROOT / "recipes/ar/tiny.yaml", AR_FAST, tokens=root / "tokens", generator=g,
+                     out=root / "runs" / f"tiny-{g}", max_steps=2, device="cpu")
+    return root
+
+
+def run(pipeline, sampler, tmp_path, **kw):
+    args = dict(classes=[0, 3], n=2, sampler=sampler, ckpt=pipeline / "runs" / f"tiny-{sampler}",
+                settings=SamplingSettings(cfg=2.0, top_k=50), steps=None, seed=0, batch=3, out=tmp_path / sampler,
+                device="cpu")
+    args.update(kw)
+    return generate_images(**args)
+
+
+@pytest.mark.parametrize("sampler", GENS)
+def test_each_sampler_writes_grid_images_and_npz(pipeline, tmp_path, sampler):
+    res = run(pipeline, sampler, tmp_path)
+    assert len(res.images) == 4 and all((tmp_path / sampler / "images").joinpath(p.split("/")[-1]).is_file() for p in res.images)
+    with np.load(res.npz) as z:
+        assert z["images"].shape == (4, 32, 32, 3) and z["images"].dtype == np.uint8 and z["labels"].tolist() == [0, 0, 3, 3]
+    from PIL import Image
+
+    w, h = Image.open(res.grid).size
+    assert w > h  # one row per class, two columns: upscaled for viewing
+    obj = res.to_json()
+    for key in ("ckpt", "sampler", "images", "grid", "wall_s", "tokens_per_s"):
+        assert key in obj
+    assert obj["tokens_per_s"] > 0 and obj["sampler"] == sampler
+    if sampler == "mergear":
+        assert 0 < obj["peak_cache_slots"] <= obj["plain_cache_slots"] and obj["distinct_ids"] >= 1
+    assert json.loads((tmp_path / sampler / "result.json").read_text())["sampler"] == sampler
+
+
+@pytest.mark.parametrize("sampler", ["mergear", "randar"])
+def test_same_seed_same_images(pipeline, tmp_path, sampler):
+    a = run(pipeline, sampler, tmp_path / "a", settings=SamplingSettings(temperature=1.0))
+    b = run(pipeline, sampler, tmp_path / "b", settings=SamplingSettings(temperature=1.0))
+    c = run(pipeline, sampler, tmp_path / "c", settings=SamplingSettings(temperature=1.0), seed=1)
+    load = lambda r: np.load(r.npz)["images"]
+    assert np.array_equal(load(a), load(b)) and not np.array_equal(load(a), load(c))
+
+
+def test_newest_run_of_the_sampler_is_used(pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(pipeline)
+    res = run(pipeline, "randar", tmp_path, ckpt=None)
+    assert "tiny-randar" in res.ckpt
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no mergear generator run"):
+        run(pipeline, "mergear", tmp_path, ckpt=None)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--class", "10"], "--class 10 is out of range: this generator has classes 0..9"),
+    (["--class", "1", "--sampler", "maskgit"], "--sampler 'maskgit'"),
+    (["--class", "1", "--ckpt", "TOKENIZER"], "is a tokenizer checkpoint, not a generator"),
+    (["--class", "1", "--sampler", "randar", "--ckpt", "MERGEAR"], "holds a mergear generator"),
+    (["--class", "1", "--tokens", "10"], "--tokens 10: K must be a perfect square"),
+])
+def test_bad_input_is_one_line(pipeline, tiny_tokenizer_run, extra, needle):
+    args = [a.replace("TOKENIZER", str(tiny_tokenizer_run)).replace("MERGEAR", str(pipeline / "runs" / "tiny-mergear"))
+            for a in extra]
+    if "--ckpt" not in args:
+        args += ["--ckpt", str(pipeline / "runs" / "tiny-mergear")]
+    if "--sampler" not in args:
+        args += ["--sampler", "mergear"]
+    res = subprocess.run([sys.executable, "-m", "mergevq_cli", "generate", *args, "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_gfid_is_and_consistency(pipeline, tmp_path, inception_stand_in, monkeypatch):
+    from mergevq_core.eval import consistency as cons
+
+    real = cons.classifier_for  # a quick classifier: the cached-classifier path is what is tested here
+    monkeypatch.setattr(cons, "classifier_for",
+                        lambda *a, **k: real(*a, **{**k, "train_count": 128, "epochs": 1, "root": tmp_path / "clf"}))
+    res = run(pipeline, "mergear", tmp_path, fid="shapes", inception_weights=inception_stand_in, with_consistency=True)
+    assert np.isfinite(res.fid["fid"]) and res.fid["fid"] >= 0 and res.fid["reference_images"] == 4
+    assert res.inception_score["available"] and res.inception_score["mean"] >= 1.0
+    c = res.consistency
+    assert 0 <= c["consistency"] <= 1 and set(c["per_class"]) == {"0", "3"} and c["samples"] == 4
+    assert 0 <= c["classifier_val_acc_real"] <= 1
+    assert len(list((tmp_path / "clf").glob("*/classifier.safetensors"))) == 1
+    again = run(pipeline, "mergear", tmp_path / "again", fid=None, with_consistency=True)  # cached: loads, no training
+    assert again.consistency["classifier_val_acc_real"] == c["classifier_val_acc_real"]
+
+
+def test_fid_statistics_file(pipeline, tmp_path, inception_stand_in):
+    from mergevq_core.eval.gen_metrics import gfid, load_reference, save_fid_stats
+
+    real = load_reference("shapes", 32, 6)
+    stats = save_fid_stats(tmp_path / "ref.npz", real, inception_stand_in, torch.device("cpu"))
+    fake = load_reference("shapes", 32, 6, seed=1)
+    by_stats = gfid(fake, str(stats), inception_stand_in, torch.device("cpu"))["fid"]
+    by_images = gfid(fake, "shapes", inception_stand_in, torch.device("cpu"))["fid"]
+    assert by_stats == pytest.approx(by_images, rel=1e-6)
+    with pytest.raises(Exception, match="mu"):
+        np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+        gfid(fake, str(tmp_path / "bad.npz"), inception_stand_in, torch.device("cpu"))
+
+
+def test_config_errors_without_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="at least one --class"):
+        generate_images([], 1, "mergear", None, SamplingSettings(), device="cpu")

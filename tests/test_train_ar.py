@@ -1,0 +1,156 @@
+"""Stage-2 training on synthetic token shards: every generator learns, exact resume after SIGKILL, torchrun with
+gloo, and one-line errors for recipes and shards that do not fit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergevq_core.api import train_ar
+from mergevq_core.data.codes import ShardWriter
+from mergevq_core.errors import ConfigError, MergeVQError
+from mergevq_core.train.checkpoint import latest_checkpoint, read_meta
+
+from .conftest import ROOT, set_args
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+N, VOCAB, CLASSES = 16, 64, 4
+# recipes/ar/tiny.yaml shrunk: 2 layers of width 32 on 4×4 grids of a 2^6 codebook (two 2^3 sub-tokens)
+FAST = ("model.depth=2", "model.dim=32", "model.heads=4", "model.vocab_size=null", "model.n_tokens=null",
+        "model.num_classes=null", "model.factorized=[3,3]", "train.batch_size=16", "train.micro_batch=16",
+        "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=2", "train.eval_every=1000", "train.ckpt_every=4",
+        "data.val_items=32")
+
+
+def make_shards(out: Path, items: int = 192, seed: int = 0) -> Path:
+    """Merged grids like a tokenizer's: K ∈ {4, 9, 16} coarse blocks, ids that depend on the class and the block."""
+    g = torch.Generator().manual_seed(seed)
+    w = ShardWriter(out, {"checkpoint": "synthetic-tokenizer", "hash": "0" * 64}, codebook_size=VOCAB, n_tokens=N,
+                    grid=4, tokens_mode="sample", keep=None, dataset_info={"source": "synthetic", "num_classes": CLASSES},
+                    num_items=items, shard_size=64)
+    r = torch.arange(4)
+    for i in w.pending():
+        idx = list(w.item_range(i))
+        ids, assign, labels = [], torch.empty(len(idx), N, dtype=torch.long), torch.empty(len(idx), dtype=torch.long)
+        for j, _ in enumerate(idx):
+            s = int(torch.randint(2, 5, (1,), generator=g))
+            label = int(torch.randint(0, CLASSES, (1,), generator=g))
+            rows, cols = r[:, None] * s // 4, r[None, :] * s // 4
+            assign[j] = (rows * s + cols).flatten()
+            noise = torch.randint(0, 2, (s * s,), generator=g)
+            ids.append((label * 16 + torch.arange(s * s) * 3 + noise) % VOCAB)
+            labels[j] = label
+        w.write(i, ids, assign, labels, torch.tensor(idx))
+    w.finish()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards") / "tok")
+
+
+def fast(shards: Path, *extra: str) -> tuple[str, ...]:
+    return (*FAST, f"data.tokens={shards}", *extra)
+
+
+@pytest.mark.parametrize("generator", ["llamagen", "mergear", "randar"])
+def test_each_generator_learns_and_records_its_tokenizer(tmp_path, shards, generator):
+    res = train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator=generator, out=tmp_path / "r",
+                   max_steps=24, device="cpu")
+    first, last = res.val_losses[0][1], res.val_loss
+    assert res.val_losses[0][0] == 0 and math.isclose(first, 2 * math.log(8), rel_tol=1e-4)  # zero-initialised heads
+    assert last < 0.9 * first, res.val_losses  # 24 steps: a clear fall, far from converged
+    run = tmp_path / "r"
+    for name in ("config.json", "metrics.jsonl", "loss_curve.png"):
+        assert (run / name).is_file(), name
+    meta = read_meta(latest_checkpoint(run))
+    assert meta["kind"] == "ar" and meta["generator"] == generator and meta["step"] == 24
+    assert meta["tokenizer"] == {"checkpoint": "synthetic-tokenizer", "hash": "0" * 64}
+    assert meta["tokens"]["k_counts"] and meta["gpt"]["vocab_size"] == VOCAB and meta["gpt"]["num_classes"] == CLASSES
+    assert {p.name for p in latest_checkpoint(run).iterdir()} == {"generator.safetensors", "meta.json", "train_state.pt"}
+
+
+def cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mergevq_cli", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def args(shards: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train-ar", "recipes/ar/tiny.yaml", "--generator", "randar", "--out", str(out), "--max-steps", str(steps),
+            "--device", "cpu", "--json", *set_args(fast(shards)), *extra]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path, shards):
+    steps = 40  # randar: random orders and label drop both come from the checkpointed generator
+    full = cli(*args(shards, tmp_path / "full", steps))
+    killed = cli(*args(shards, tmp_path / "killed", steps))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "killed" / "checkpoints" / "latest").exists():
+            break
+        time.sleep(0.01)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    at = read_meta(latest_checkpoint(tmp_path / "killed"))["step"]
+    assert at < steps, "the run finished before it could be killed"
+    resumed = cli(*args(shards, tmp_path / "killed", steps, "--resume"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["resumed_from"] == at
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+    a, b = rows(tmp_path / "full"), rows(tmp_path / "killed")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")}
+    after = [(x, y) for x, y in zip(a, b) if x["step"] > at]
+    assert after and all(strip(x) == strip(y) for x, y in after)  # losses, lr, validation loss
+
+
+def test_torchrun_two_processes_gloo(tmp_path, shards):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
+           "-m", "mergevq_cli", *args(shards, out, 3, "--generator", "mergear", "--set", "train.micro_batch=8")]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = read_meta(latest_checkpoint(out))
+    assert meta["world_size"] == 2 and meta["step"] == 3 and meta["generator"] == "mergear"
+    assert json.loads(res.stdout)["steps"] == 3  # only rank 0 prints
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--set", "model.vocab_size=128"), "model.vocab_size=128 but the shards have 64"),
+    (("--tokens", "/nonexistent/shards"), "token shards not found"),
+    (("--generator", "maskgit"), "generator.name='maskgit'"),
+])
+def test_bad_input_is_one_line(tmp_path, shards, extra, needle):
+    p = cli(*args(shards, tmp_path / "x", 2, *extra))
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_recipe_kinds_do_not_mix(tmp_path, shards):
+    with pytest.raises(ConfigError, match="tokenizer recipe"):
+        train_ar(ROOT / "recipes/tiny.yaml", (), tokens=shards, out=tmp_path / "a", device="cpu")
+    from mergevq_core.api import train_tokenizer
+
+    with pytest.raises(ConfigError, match="kind: ar"):
+        train_tokenizer(ROOT / "recipes/ar/tiny.yaml", (), out=tmp_path / "b", device="cpu")
+    train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="llamagen", out=tmp_path / "c", max_steps=1, device="cpu")
+    with pytest.raises(MergeVQError, match="llamagen checkpoint, not mergear"):
+        train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "c", resume=True,
+                 max_steps=2, device="cpu")
