@@ -50,8 +50,7 @@ def test_each_sampler_writes_grid_images_and_npz(pipeline, tmp_path, sampler):
         assert z["images"].shape == (4, 32, 32, 3) and z["images"].dtype == np.uint8 and z["labels"].tolist() == [0, 0, 3, 3]
     from PIL import Image
 
-    w, h = Image.open(res.grid).size
-    assert w > h  # one row per class, two columns: upscaled for viewing
+    assert Image.open(res.grid).size == (3 * (2 * 34 + 2),) * 2  # 2 classes × 2 samples of 32 px, 2 px gaps, ×3 to view
     obj = res.to_json()
     for key in ("ckpt", "sampler", "images", "grid", "wall_s", "tokens_per_s"):
         assert key in obj
