@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from .commands import benchmark as benchmark_cmd
 from .commands import generate as generate_cmd
 from .commands import info as info_cmd
+from .commands import probe as probe_cmd
 from .commands import reconstruct as reconstruct_cmd
 from .commands import tokenize as tokenize_cmd
 from .commands import train_ar as train_ar_cmd
@@ -37,6 +39,8 @@ app.command("train-ar", epilog=train_ar_cmd.EXAMPLES)(train_ar_cmd.train_ar)
 app.command("reconstruct", epilog=reconstruct_cmd.EXAMPLES)(reconstruct_cmd.reconstruct)
 app.command("tokenize", epilog=tokenize_cmd.EXAMPLES)(tokenize_cmd.tokenize)
 app.command("generate", epilog=generate_cmd.EXAMPLES)(generate_cmd.generate)
+app.command("probe", epilog=probe_cmd.EXAMPLES)(probe_cmd.probe)
+app.add_typer(benchmark_cmd.app, name="benchmark")
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 
 

@@ -460,3 +460,47 @@ def tokenize(
     return {"out": str(out), "ckpt": str(path), "items": len(ds), "encoded": done,
             "skipped_shards": total_shards - len(pending), "wall_s": wall,
             "img_per_s": done / wall if wall > 0 else 0.0, "tokens": "sample" if tokens_sample else keep}
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def probe(data: str, ckpt: str | Path | None = None, tokens: str | int = "all", epochs: int = 90, lr: float = 1e-3,
+          n_train: int = 5000, n_test: int = 1000, out: str | Path = "probe", seed: int = 0, device: str | None = None,
+          on_stage: Any = None, on_advance: Any = None) -> Any:
+    """Linear probe of the frozen encoder (see `eval.probe`) and the same probe on raw pixels. Returns a ProbeResult."""
+    import time
+
+    from .errors import ConfigError
+    from .eval.probe import ProbeResult, labelled_split, linear_probe, plot_confusion, probe_features
+
+    if epochs < 1 or n_train < 2 or n_test < 1:
+        raise ConfigError("--epochs >= 1, --train >= 2 and --test >= 1")
+    t0 = time.perf_counter()
+    tok, path = load_tokenizer(ckpt, device)
+    if str(tokens) == "all":
+        k = tok.cfg.model.n_tokens
+    else:
+        try:
+            k = tok.cfg.check_keep(int(tokens))
+        except ValueError:
+            raise ConfigError(f"--tokens {tokens!r}: give `all` or a perfect square K") from None
+    size = tok.cfg.model.image_size
+    x_tr, y_tr, x_te, y_te, classes = labelled_split(data, size, n_train, n_test, seed)
+    if on_stage is not None:
+        on_stage("features", len(x_tr) + len(x_te))
+    f_tr = probe_features(tok, x_tr, k, on_batch=on_advance)
+    f_te = probe_features(tok, x_te, k, on_batch=on_advance)
+    if on_stage is not None:
+        on_stage("probe", 2 * epochs)
+    step = (lambda e, loss: on_advance(1)) if on_advance is not None else None
+    top1, confusion = linear_probe(f_tr, y_tr, f_te, y_te, len(classes), epochs, lr, seed=seed, on_epoch=step)
+    base, _ = linear_probe(x_tr.flatten(1), y_tr, x_te.flatten(1), y_te, len(classes), epochs, lr, seed=seed, on_epoch=step)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"confusion_{Path(str(data)).name}_k{k}.png"
+    plot_confusion(confusion, classes, png, f"linear probe, K = {k}: top-1 {top1:.3f} (pixels {base:.3f})")
+    per_class = (confusion.diagonal().float() / confusion.sum(1).clamp_min(1)).tolist()
+    return ProbeResult(ckpt=str(path), data=str(data), tokens=k, top1=top1, baseline_top1=base, n_train=len(x_tr),
+                       n_test=len(x_te), feature_dim=int(f_tr.shape[1]), epochs=epochs, confusion_png=str(png),
+                       classes=classes, per_class=dict(zip(classes, per_class)), wall_s=time.perf_counter() - t0)

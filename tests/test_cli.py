@@ -14,7 +14,7 @@ from mergevq_cli.app import app
 from .conftest import ROOT
 
 runner = CliRunner()
-BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate"]  # commands that exist; the others are not listed until they work
+BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate", "probe", "benchmark"]  # commands that exist; the others are not listed until they work
 
 
 def mergevq(*args: str) -> subprocess.CompletedProcess:

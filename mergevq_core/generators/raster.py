@@ -98,54 +98,11 @@ class RasterGenerator(Generator):
         every row (2B rows with CFG: conditional first, then the null class). Returns ids (B, N) and statistics:
         live KV slots per step and image (`live_history` (N, B)), their peak, the slots allocated (high-water mark)
         and the number of distinct ids. `window` (cache="mergear") defaults to the model's."""
-        if cache not in CACHES:
-            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
-        B, N, p, dev = labels.shape[0], self.n_tokens, self.prefix, labels.device
-        k = torch.as_tensor(k, device=dev).expand(B)
-        lab = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)]) if guided else labels
-        kk = torch.cat([k, k]) if guided else k
-        R = lab.shape[0]
-        w = window if window is not None else getattr(self, "window", N)
-        compress = cache == "mergear"
-        capacity = p + N - 1
-        kv = self.gpt.new_cache(R, capacity, dtype=dtype, static=cache == "static")
-        ids = torch.zeros(B, N, dtype=torch.long, device=dev)
-        live: list[Tensor] = []
-
-        def step(x: Tensor, cos: Tensor, sin: Tensor, t: int, slots: Tensor | None = None) -> None:
-            kv.begin(x.shape[1], slots)
-            live.append(kv.live()[:B])
-            h = self.gpt.trunk(x, cos, sin, cache=kv)[:, -1]
-            kv.end()
-            ids[:, t] = self.gpt.sample_ids(h, lambda i, lg: pick(t, i, lg))[:B]
-
-        one, zero = self.gpt.prefix_rope(p, dev)
-        step(self.prefix_embeds(lab, kk).to(kv.k.dtype), one, zero, 0)
-        rep = torch.zeros(B, N, dtype=torch.bool, device=dev)
-        rep[:, 0] = True
-        slot_of = torch.full((B, N), -1, dtype=torch.long, device=dev)
-        n_alloc = torch.full((B,), p, dtype=torch.long, device=dev)
-        for t in range(N - 1):
-            slots = None
-            if compress:  # Eq. 12: position e = t - w leaves query t's window; a duplicate there is forgotten
-                e = t - w
-                evict = ~rep[:, e] if e >= 0 else torch.zeros(B, dtype=torch.bool, device=dev)
-                freed = torch.where(evict, slot_of[:, max(e, 0)], -1)
-                kv.free(freed.repeat(2) if guided else freed)
-                slot = torch.where(evict, freed, n_alloc)  # x_t reuses the freed slot, else takes a new one
-                n_alloc = n_alloc + (~evict).long()
-                slot_of[:, t] = slot
-                slots = slot.repeat(2) if guided else slot
-            x = ids[:, t].repeat(2) if guided else ids[:, t]
-            cos, sin = self.gpt.rope(self.rows[t:t + 1], self.cols[t:t + 1])
-            step(self.gpt.embed_ids(x[:, None]).to(kv.k.dtype), cos, sin, t + 1, slots)
-            rep[:, t + 1] = ~(ids[:, : t + 1] == ids[:, t + 1: t + 2]).any(1)
-        n_distinct = rep.sum(1)
-        history = torch.stack(live)  # (N, B): slots attended at each step, this step's token included
-        stats = {"peak_live_slots": int(history.max()), "live_history": history, "allocated_slots": kv.used, "capacity": kv.capacity,
-                 "prefix": p, "window": w if compress else None, "distinct_ids": n_distinct.tolist(),
-                 "kv_bytes_per_slot": kv.nbytes() // max(1, kv.capacity)}
-        return ids, stats
+        dec = RasterDecoder(self, labels, k, guided, cache, window, dtype)
+        dec.prefill(pick)
+        for t in range(self.n_tokens - 1):
+            dec.step(t, pick)
+        return dec.ids, dec.stats()
 
     @torch.no_grad()
     def generate(self, labels: Tensor, k: int | None = None, pick: Pick | None = None, guided: bool = False,
@@ -162,6 +119,140 @@ class RasterGenerator(Generator):
 
     def default_k(self) -> int:
         return self.n_tokens
+
+
+class PositionCache:
+    """MergeAR's bookkeeping per image, on the host (shared by the CFG halves, which see the same tokens): for each
+    generated position its id's first position (its representative) and its KV slot. A newly sampled id equal to
+    an earlier one is a duplicate. Position e leaves the window of query t when e = t - w; if it is a duplicate
+    its slot goes to the token of step t (so no slot is ever left empty and slots allocated = peak live slots);
+    a representative keeps its slot forever."""
+
+    def __init__(self, batch: int, n: int, prefix: int, window: int) -> None:
+        self.first: list[dict[int, int]] = [{} for _ in range(batch)]
+        self.rep = [[False] * n for _ in range(batch)]
+        self.slot_of = [[-1] * n for _ in range(batch)]
+        self.n_alloc = [prefix] * batch  # slots handed out per image
+        self.window = window
+
+    def record(self, t: int, ids: list[int]) -> None:
+        """Position t got ids (one per image)."""
+        for b, x in enumerate(ids):
+            if x not in self.first[b]:
+                self.first[b][x] = t
+                self.rep[b][t] = True
+
+    def slot_for(self, t: int) -> list[int]:
+        """The KV slot of input position t for each image: the slot of position t - w if that is a duplicate
+        leaving the window, else a new one."""
+        e, out = t - self.window, []
+        for b in range(len(self.n_alloc)):
+            if e >= 0 and not self.rep[b][e]:
+                slot = self.slot_of[b][e]
+            else:
+                slot = self.n_alloc[b]
+                self.n_alloc[b] += 1
+            self.slot_of[b][t] = slot
+            out.append(slot)
+        return out
+
+    def rep_tensor(self, device: torch.device | None = None) -> Tensor:
+        return torch.tensor(self.rep, dtype=torch.bool, device=device)
+
+
+class RasterDecoder:
+    """Stateful raster decoding with one of three caches (see the module docstring): `prefill(pick)` samples x_0,
+    `step(t, pick)` feeds x_t and samples x_{t+1}; `fast_forward(tokens)` feeds x_0..x_{T-1} in one parallel pass
+    (a benchmark's way to reach position T quickly; then only Eq. 12's window and representatives stay)."""
+
+    def __init__(self, gen: "RasterGenerator", labels: Tensor, k: Tensor | int, guided: bool = False,
+                 cache: str = "sliced", window: int | None = None, dtype: torch.dtype | None = None,
+                 capacity: int | None = None) -> None:
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+        self.gen, self.guided, self.cache_kind = gen, guided, cache
+        B, N, p, dev = labels.shape[0], gen.n_tokens, gen.prefix, labels.device
+        self.B, self.N, self.p = B, N, p
+        k = torch.as_tensor(k, device=dev).expand(B)
+        self.labels = torch.cat([labels, torch.full_like(labels, gen.gpt.null_class)]) if guided else labels
+        self.k = torch.cat([k, k]) if guided else k
+        self.window = window if window is not None else getattr(gen, "window", N)
+        self.compress = cache == "mergear"
+        full = p + N - 1
+        if capacity is None:
+            capacity = min(full, p + self.window + int(k.max()) + 8) if self.compress else full
+        self.kv = gen.gpt.new_cache(self.labels.shape[0], capacity, dtype=dtype, static=cache == "static")
+        self.pos = PositionCache(B, N, p, self.window) if self.compress else None
+        self.ids = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self.live: list[Tensor] = []
+
+    def _rows(self, x: Tensor) -> Tensor:
+        return x.repeat(2, *([1] * (x.dim() - 1))) if self.guided else x
+
+    def _run(self, x: Tensor, cos: Tensor, sin: Tensor, t_next: int, pick: Pick, slots: Tensor | None = None) -> None:
+        kv = self.kv
+        if slots is not None and max(slots) >= kv.capacity:
+            kv.resize(min(self.p + self.N - 1, max(max(slots) + 1, kv.capacity * 3 // 2 + 8)))
+        kv.begin(x.shape[1], slots)
+        self.live.append(kv.live()[: self.B])
+        h = self.gen.gpt.trunk(x.to(kv.k.dtype), cos, sin, cache=kv)[:, -1]
+        kv.end()
+        new = self.gen.gpt.sample_ids(h, lambda i, lg: pick(t_next, i, lg))[: self.B]
+        self.ids[:, t_next] = new
+        if self.pos is not None:
+            self.pos.record(t_next, new.tolist())
+
+    def prefill(self, pick: Pick) -> None:
+        one, zero = self.gen.gpt.prefix_rope(self.p, self.labels.device)
+        self._run(self.gen.prefix_embeds(self.labels, self.k), one, zero, 0, pick)
+
+    def step(self, t: int, pick: Pick) -> None:
+        slots = None
+        if self.pos is not None:
+            slots = self.pos.slot_for(t)
+            slots = slots * 2 if self.guided else slots
+        x = self._rows(self.ids[:, t])
+        cos, sin = self.gen.gpt.rope(self.gen.rows[t:t + 1], self.gen.cols[t:t + 1])
+        self._run(self.gen.gpt.embed_ids(x[:, None]), cos, sin, t + 1, pick, slots)
+
+    def fast_forward(self, tokens: Tensor, pick: Pick) -> None:
+        """After `prefill`: feed x_0..x_{T-1} = tokens (B, T) in one pass and sample x_T. With the compressed cache
+        the duplicates that already left the window are then freed and the live slots compacted, which is the
+        cache state (up to slot order) of step-by-step decoding; keys are computed under the causal mask, so
+        values differ from it, but sizes and costs are the same."""
+        T = tokens.shape[1]
+        if T < 1 or T >= self.N:
+            raise ValueError(f"fast_forward needs 1 <= T < N={self.N}, got {T}")
+        self.ids[:, :T] = tokens
+        if self.kv.capacity < self.p + T:
+            self.kv.resize(self.p + T)
+        cos, sin = self.gen.gpt.rope(self.gen.rows[:T], self.gen.cols[:T])
+        pos = self.pos
+        if pos is not None:  # x_0 was recorded by prefill; x_1..x_{T-1} now, in their contiguous slots
+            listed = tokens.tolist()
+            for t in range(1, T):
+                pos.record(t, [row[t] for row in listed])
+            for b in range(self.B):
+                pos.slot_of[b][:T] = list(range(self.p, self.p + T))
+                pos.n_alloc[b] = self.p + T
+        self._run(self.gen.gpt.embed_ids(self._rows(tokens)), cos, sin, T, pick)
+        if pos is not None:
+            last = T - 1 - self.window  # positions <= last have left the window of query T - 1
+            gone = [[pos.slot_of[b][j] if not pos.rep[b][j] else -1 for j in range(last + 1)] for b in range(self.B)]
+            if last >= 0:
+                self.kv.free(self._rows(torch.tensor(gone, dtype=torch.long, device=self.ids.device)))
+            new_index = self.kv.compact()[: self.B].tolist()
+            for b in range(self.B):
+                pos.slot_of[b][:T] = [new_index[b][s_] if s_ >= 0 else -1 for s_ in pos.slot_of[b][:T]]
+                pos.n_alloc[b] = sum(1 for s_ in new_index[b] if s_ >= 0)
+            self.kv.resize(max(self.kv.used, min(self.p + self.N - 1, self.kv.used + self.window + 8)))
+
+    def stats(self) -> dict[str, Any]:
+        history = torch.stack(self.live)  # (steps, B): slots attended at each step, this step's token included
+        return {"peak_live_slots": int(history.max()), "live_history": history, "allocated_slots": self.kv.used,
+                "capacity": self.kv.capacity, "prefix": self.p, "window": self.window if self.compress else None,
+                "distinct_ids": first_occurrence(self.ids).sum(1).tolist(),
+                "kv_bytes_per_slot": self.kv.nbytes() // max(1, self.kv.capacity)}
 
 
 def group_by_id(full: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -153,7 +153,8 @@ class KVCache:
         self.static = static
         self.used = 0
         self._dense = True  # every slot in [0, used) is valid
-        self._pending: tuple[int, int, Tensor | None, int] | None = None  # (start, n, per-sequence slots, top)
+        self._holes = False  # some slot below `used` was freed and not reused
+        self._pending: tuple[int, int, Tensor | int | None, int] | None = None  # (start, n, slots, top)
         self.mask: Tensor | None = None
 
     @property
@@ -177,7 +178,7 @@ class KVCache:
         """Bytes of the allocated key and value buffers."""
         return 2 * self.k.numel() * self.k.element_size()
 
-    def begin(self, n: int, slots: Tensor | None = None) -> None:
+    def begin(self, n: int, slots: Tensor | list[int] | None = None) -> None:
         """Reserve room for the next n tokens of every sequence (see the class docstring) and build the mask."""
         if self._pending is not None:
             raise RuntimeError("KVCache.begin called twice without end()")
@@ -197,19 +198,28 @@ class KVCache:
                 self.mask = mask[:, None]  # (B, 1, n, keys)
             self._pending = (start, n, None, end)
             return
-        if n != 1 or slots.shape != (self.batch,):
-            raise ValueError(f"per-sequence slots need n = 1 and shape ({self.batch},), got n={n}, {tuple(slots.shape)}")
-        top = int(slots.max()) + 1
-        if top > self.capacity or int(slots.min()) < 0:
+        listed = slots.tolist() if isinstance(slots, Tensor) else list(slots)  # one host sync per step
+        if n != 1 or len(listed) != self.batch:
+            raise ValueError(f"per-sequence slots need n = 1 and {self.batch} slots, got n={n}, {len(listed)}")
+        top = max(listed) + 1
+        if top > self.capacity or min(listed) < 0:
             raise ValueError(f"KV cache slots must lie in [0, {self.capacity}), got up to {top - 1}")
-        rows = torch.arange(self.batch, device=slots.device)
-        self.valid[rows, slots] = True
+        same = listed[0] if all(x == listed[0] for x in listed) else None
+        if same is None:
+            slots = torch.as_tensor(listed, device=self.valid.device)
+            self.valid[torch.arange(self.batch, device=self.valid.device), slots] = True
+        elif self._holes or same >= self.used:  # below `used` and without holes, every slot is valid already
+            self.valid[:, same:same + 1] = True
         keys = self.capacity if self.static else max(self.used, top)
-        dense = self._dense and bool((slots == self.used).all()) and not self.static
-        self.mask = None if dense else self.valid[:, None, None, :keys]
-        self._pending = (self.used, 1, slots, top)
-        if not dense:
+        # a freed slot is reused by the next token, so the live slots are [0, keys) unless sequences differ
+        if self.static:
             self._dense = False
+        elif self.batch == 1 and not self._holes:
+            self._dense = True
+        else:
+            self._dense = bool(self.valid[:, :keys].all())
+        self.mask = None if self._dense else self.valid[:, None, None, :keys]
+        self._pending = (self.used, 1, slots if same is None else same, top)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write this step's k, v (B, H, n, D) of `layer`; return all keys and values attention reads, and the mask
@@ -220,6 +230,9 @@ class KVCache:
         if slots is None:
             self.k[layer, :, :, start:start + n] = k
             self.v[layer, :, :, start:start + n] = v
+        elif isinstance(slots, int):  # every sequence writes the same slot
+            self.k[layer, :, :, slots:slots + 1] = k
+            self.v[layer, :, :, slots:slots + 1] = v
         else:
             rows = torch.arange(self.batch, device=slots.device)
             self.k[layer, rows, :, slots] = k[:, :, 0]
@@ -235,12 +248,13 @@ class KVCache:
         self.mask = None
 
     def free(self, slots: Tensor) -> None:
-        """Invalidate slot slots[b] of sequence b; -1 leaves that sequence alone."""
+        """Invalidate slots[b] (or every slots[b, j]) of sequence b; -1 entries are ignored."""
         hit = slots >= 0
         if bool(hit.any()):
-            rows = torch.arange(self.batch, device=slots.device)[hit]
-            self.valid[rows, slots[hit]] = False
+            rows = torch.arange(self.batch, device=slots.device).view(-1, *([1] * (slots.dim() - 1))).expand_as(slots)
+            self.valid[rows[hit], slots[hit]] = False
             self._dense = False
+            self._holes = True
 
     def truncate(self, n: int) -> None:
         """Drop slots [n, used) of every sequence (RandAR re-encodes them in the next step)."""
@@ -249,9 +263,48 @@ class KVCache:
         self.valid[:, n:] = False
         self.used = n
 
+    def resize(self, capacity: int) -> None:
+        """Reallocate to `capacity` slots (at least `used`), keeping the contents of slots [0, used)."""
+        if self._pending is not None:
+            raise RuntimeError("KVCache.resize during a step")
+        if capacity < self.used:
+            raise ValueError(f"cannot resize to {capacity} slots: {self.used} are in use")
+        if capacity == self.capacity:
+            return
+        depth, b, h, _, d = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(depth, b, h, capacity, d, device=old.device, dtype=old.dtype)
+            new[:, :, :, : self.used] = old[:, :, :, : self.used]
+            setattr(self, name, new)
+        valid = torch.zeros(b, capacity, dtype=torch.bool, device=self.valid.device)
+        valid[:, : self.used] = self.valid[:, : self.used]
+        self.valid = valid
+
+    def compact(self) -> Tensor:
+        """Move every sequence's valid slots to the front, in order; returns the new index of each old slot
+        (B, used), -1 for the invalid ones. Attention does not depend on slot order (keys carry their RoPE)."""
+        if self._pending is not None:
+            raise RuntimeError("KVCache.compact during a step")
+        valid = self.valid[:, : self.used]
+        new_index = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
+        live = valid.sum(1)
+        top = int(live.max()) if live.numel() else 0
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :top]  # valid slots first
+        depth, _, h, _, d = self.k.shape
+        idx = order[None, :, None, :, None].expand(depth, -1, h, -1, d)
+        for buf in (self.k, self.v):
+            buf[:, :, :, :top] = buf[:, :, :, : self.used].gather(3, idx)
+        self.valid.zero_()
+        self.valid[:, :top] = torch.arange(top, device=live.device)[None] < live[:, None]
+        self.used = top
+        self._dense = bool((live == top).all())
+        self._holes = not self._dense
+        return new_index
+
     def reset(self) -> None:
         self.valid.zero_()
-        self.used, self._dense, self._pending, self.mask = 0, True, None, None
+        self.used, self._dense, self._holes, self._pending, self.mask = 0, True, False, None, None
 
 
 # ----------------------------------------------------------------------------- layers

@@ -1,0 +1,164 @@
+"""`mergevq benchmark`: speed and memory figures, printed as a table, as JSON and as a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import console
+from ..options import DeviceOpt, JsonOpt
+
+EXAMPLES = """
+Examples:
+
+  mergevq benchmark kv-cache                                        # CPU defaults, about 3 minutes
+
+  mergevq benchmark kv-cache --model l --n 1024 --batch 1,16,64 --redundancy 0,0.44,0.75,0.9 --device cuda
+
+  mergevq benchmark kv-cache --ckpt runs/tiny-ar-mergear --batch 1,16 --json
+
+  mergevq benchmark tokenizer --tokens 9,36,64                     # newest tokenizer run
+  mergevq benchmark tokenizer --recipe recipes/gr.yaml --tokens 144,256 --batch 2
+
+  mergevq benchmark ar --recipe recipes/ar/tiny.yaml --batch 16
+"""
+
+app = typer.Typer(help="Speed and memory benchmarks (tables, --json, PNG plots).", no_args_is_help=True,
+                  rich_markup_mode="rich", epilog=EXAMPLES)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command("kv-cache", epilog=EXAMPLES)
+def kv_cache(
+    n: Annotated[str, typer.Option("--n", help="Image tokens N (square grids), comma-separated.")] = "256,1024",
+    batch: Annotated[str, typer.Option("--batch", help="Images decoded together, comma-separated.")] = "1,16,64",
+    redundancy: Annotated[str, typer.Option("--redundancy", help="Forced share ρ of positions repeating an earlier id.")] = "0,0.44,0.75",
+    model: Annotated[str, typer.Option("--model", help="tiny (2 layers, 64-d), b or l (LlamaGen sizes, 2^18 factorised head).")] = "tiny",
+    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained MergeAR run instead of random weights (its own samples, realised ρ).")] = None,
+    window: Annotated[Optional[int], typer.Option("--window", help="MergeAR window w (default: grid side + 1).")] = None,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Classifier-free guidance: two rows per image.")] = False,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per row (>= 10).")] = 10,
+    warmups: Annotated[int, typer.Option("--warmups", help="Warm-up runs per row (>= 3).")] = 3,
+    segment: Annotated[int, typer.Option("--segment", help="Tokens per timed run at stratified positions; 0 = whole generations.")] = 16,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for kv_cache.png and kv_cache.json.")] = Path("bench"),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """MergeAR's compressed KV cache vs a sliced full cache vs a LlamaGen-style static buffer: memory and speed."""
+    import json
+    import math
+
+    from mergevq_core.bench.kvcache import bench_kv_cache, plot_kv
+    from mergevq_core.errors import ConfigError
+
+    ns, bs, rhos = _ints(n, "--n"), _ints(batch, "--batch"), _floats(redundancy, "--redundancy")
+    if not ns or not bs or not rhos or min(bs) < 1 or any(not 0 <= r < 1 for r in rhos):
+        raise ConfigError("--n, --batch and --redundancy need values: batch >= 1, 0 <= ρ < 1")
+    if runs < 10 or warmups < 3:
+        raise ConfigError("--runs must be >= 10 and --warmups >= 3 (the benchmark protocol)")
+
+    def on_row(r) -> None:
+        if not json_:
+            extra = "" if r.cache != "mergear" else f"  ×{r.speedup_vs_sliced:.2f} speed, ×{r.memory_saving_vs_sliced:.2f} memory vs sliced"
+            console.out.print(f"  N={r.n} B={r.batch} {r.cache:<8} ρ={r.redundancy:.2f}: {r.ms_per_token_median:.3f} ms/token, "
+                              f"peak KV {r.kv_bytes_peak / 2**20:.2f} MiB{extra}", highlight=False)
+
+    try:
+        rows, env = bench_kv_cache(ns, bs, rhos, model, device, runs, warmups, segment, window, cfg, ckpt, seed, on_row)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"environment": env, "rows": [r.to_json() for r in rows]}
+    (out / "kv_cache.json").write_text(json.dumps(data, indent=2, default=str))
+    plot_kv(rows, out / "kv_cache.png")
+    if json_:
+        console.print_json([r.to_json() for r in rows])
+        return
+    fmt = lambda v, f: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
+    table = [[str(r.n), str(r.batch), r.cache, fmt(r.redundancy if r.cache == "mergear" else None, "{:.2f}"),
+              fmt(r.kv_bytes_peak / 2**20, "{:.2f}"), fmt(r.kv_bytes_measured / 2**20, "{:.2f}"),
+              f"{r.ms_per_token_median:.3f} [{r.ms_per_token_p10:.3f}, {r.ms_per_token_p90:.3f}]",
+              f"{r.tokens_per_s:,.0f}", f"{r.images_per_s:.2f}", fmt(r.speedup_vs_sliced, "{:.2f}×"),
+              fmt(r.speedup_vs_static, "{:.2f}×"), fmt(r.memory_saving_vs_sliced, "{:.2f}×"),
+              fmt(r.bandwidth_share, "{:.0%}")] for r in rows]
+    dev = env.get("gpu") or f"CPU ({env['threads']} threads)"
+    console.table(f"KV cache, {env['model']} on {dev}, {'CFG' if cfg else 'no CFG'}; ms/token: median [p10, p90] of {runs} runs",
+                  ["N", "B", "cache", "ρ", "KV peak MiB", "measured", "ms/token", "tok/s", "img/s", "speed vs sliced",
+                   "vs static", "memory vs sliced", "BW"], table)
+    console.kv("written", [("table", str(out / "kv_cache.json")), ("plot", str(out / "kv_cache.png"))])
+
+
+@app.command("tokenizer", epilog=EXAMPLES)
+def tokenizer(
+    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Tokenizer run (default: the newest).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="A tokenizer recipe with random weights instead of a run.")] = None,
+    tokens: Annotated[Optional[str], typer.Option("--tokens", "-k", help="K values, comma-separated (default: the recipe's evaluation list).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 16,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs (>= 10).")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tokenizer.json.")] = Path("bench"),
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Encode and decode images/s at several K, with the GMACs of each."""
+    import json
+
+    from mergevq_core.bench.models import bench_tokenizer
+    from mergevq_core.errors import ConfigError
+
+    if runs < 10:
+        raise ConfigError("--runs must be >= 10")
+    rows, env = bench_tokenizer(ckpt, recipe, _ints(tokens, "--tokens") if tokens else None, batch, runs, 3, device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    if json_:
+        console.print_json(rows)
+        return
+    console.table(f"tokenizer {env['model']}, {env['image_size']} px, batch {batch}, {env.get('gpu') or 'CPU'}; median of {runs}",
+                  ["K", "encode img/s", "decode img/s", "encode GMACs", "decode GMACs"],
+                  [[str(r["tokens"]), f"{r['encode_img_per_s']:.1f}", f"{r['decode_img_per_s']:.1f}",
+                    f"{r['encode_gmacs']:.3f}", f"{r['decode_gmacs']:.3f}"] for r in rows])
+
+
+@app.command("ar", epilog=EXAMPLES)
+def ar(
+    recipe: Annotated[Path, typer.Option("--recipe", help="A generator recipe (kind: ar) giving the model size.")] = Path("recipes/ar/tiny.yaml"),
+    batch: Annotated[int, typer.Option("--batch", help="Images per training step and per sampling call.")] = 16,
+    runs: Annotated[int, typer.Option("--runs", help="Timed training steps (>= 10).")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ar.json.")] = Path("bench"),
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Training and sampling tokens/s of llamagen, mergear and randar at a recipe's size (random weights)."""
+    import json
+
+    from mergevq_core.bench.models import bench_ar
+    from mergevq_core.errors import ConfigError
+
+    if runs < 10:
+        raise ConfigError("--runs must be >= 10")
+    rows, env = bench_ar(recipe, batch, runs, 3, device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ar.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    if json_:
+        console.print_json(rows)
+        return
+    console.table(f"generators of {recipe} (N {env['N']}, K {env['K']}), batch {batch}, CFG 2, {env.get('gpu') or 'CPU'}",
+                  ["generator", "params M", "train tok/s", "sample tok/s", "sample img/s", "AR steps"],
+                  [[r["generator"], f"{r['params'] / 1e6:.2f}", f"{r['train_tokens_per_s']:,.0f}",
+                    f"{r['sample_tokens_per_s']:,.0f}", f"{r['sample_images_per_s']:.2f}", str(r["steps"])] for r in rows])
