@@ -163,6 +163,31 @@ def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR, where:
     return best
 
 
+def _run_dir(kind: str, stem: str, out: str | Path | None, resume: bool, dist: Any) -> Path:
+    """`out`, else (resuming) the newest run of this kind and stem, else `runs/<stem>-<time>`; under DDP every
+    rank gets the folder rank 0 chose."""
+    import time
+
+    from .errors import CheckpointError
+
+    if out is not None:
+        run_dir = Path(out)
+    elif resume:
+        found = newest_run(kind, stem)
+        if found is None:
+            raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
+        run_dir = found
+    else:
+        run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        box = [str(run_dir)]
+        tdist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
 def train_tokenizer(
     recipe: str | Path, overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
     resume: bool = False, max_steps: int | None = None, seed: int | None = None, device: str | None = None,
@@ -172,10 +197,7 @@ def train_tokenizer(
 
     The run folder is `out`, else `runs/<recipe>-<time>`; with `resume` and no `out`, the newest run of that
     recipe. On resume the run's saved config is used, with `overrides`, `max_steps` and `seed` applied on top."""
-    import time
-
     from .config import apply_overrides, config_from_dict
-    from .errors import CheckpointError
     from .train import checkpoint as ck
     from .train.dist import cleanup, init_distributed
     from .train.tokenizer_loop import fit_tokenizer
@@ -186,24 +208,9 @@ def train_tokenizer(
     if seed is not None:
         extra.append(f"train.seed={seed}")
     cfg = load_config(recipe, extra)  # validates the recipe even on resume
-    stem = Path(recipe).stem
     dist = init_distributed(device)
     try:
-        if out is not None:
-            run_dir = Path(out)
-        elif resume:
-            found = newest_run("tokenizer", stem)
-            if found is None:
-                raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
-            run_dir = found
-        else:
-            run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if dist.enabled:  # every rank must write to the folder rank 0 chose
-            import torch.distributed as tdist
-
-            box = [str(run_dir)]
-            tdist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
+        run_dir = _run_dir("tokenizer", Path(recipe).stem, out, resume, dist)
         if resume:
             ckpt = ck.latest_checkpoint(run_dir) if run_dir.exists() else None
             if ckpt is not None:
@@ -222,8 +229,6 @@ def train_ar(
 
     `tokens` and `generator` override data.tokens and generator.name. The run folder is `out`, else
     `runs/<recipe>-<generator>-<time>`; with `resume` and no `out`, the newest run of that recipe and generator."""
-    import time
-
     from .config import ARRunConfig, _build, apply_overrides, load_ar_config
     from .errors import CheckpointError
     from .train import checkpoint as ck
@@ -240,24 +245,9 @@ def train_ar(
     if seed is not None:
         extra.append(f"train.seed={seed}")
     cfg = load_ar_config(recipe, extra)
-    stem = f"{Path(recipe).stem}-{cfg.generator.name}"
     dist = init_distributed(device)
     try:
-        if out is not None:
-            run_dir = Path(out)
-        elif resume:
-            found = newest_run("ar", stem)
-            if found is None:
-                raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
-            run_dir = found
-        else:
-            run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            box = [str(run_dir)]
-            tdist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
+        run_dir = _run_dir("ar", f"{Path(recipe).stem}-{cfg.generator.name}", out, resume, dist)
         if resume:
             ckpt = ck.latest_checkpoint(run_dir) if run_dir.exists() else None
             if ckpt is not None:
