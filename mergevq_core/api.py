@@ -199,7 +199,7 @@ def train_tokenizer(
     recipe. On resume the run's saved config is used, with `overrides`, `max_steps` and `seed` applied on top."""
     from .config import apply_overrides, config_from_dict
     from .train import checkpoint as ck
-    from .train.dist import cleanup, init_distributed
+    from .train.dist import cleanup, finished, init_distributed
     from .train.tokenizer_loop import fit_tokenizer
 
     extra = list(overrides)
@@ -215,7 +215,9 @@ def train_tokenizer(
             ckpt = ck.latest_checkpoint(run_dir) if run_dir.exists() else None
             if ckpt is not None:
                 cfg = config_from_dict(apply_overrides(ck.read_meta(ckpt)["config"], extra))
-        return fit_tokenizer(cfg, run_dir, dist, resume=resume, hooks=hooks)
+        result = fit_tokenizer(cfg, run_dir, dist, resume=resume, hooks=hooks)
+        finished()
+        return result
     finally:
         cleanup()
 
@@ -233,7 +235,7 @@ def train_ar(
     from .errors import CheckpointError
     from .train import checkpoint as ck
     from .train.ar_loop import fit_ar
-    from .train.dist import cleanup, init_distributed
+    from .train.dist import cleanup, finished, init_distributed
 
     extra = list(overrides)
     if tokens is not None:
@@ -255,7 +257,9 @@ def train_ar(
                 if saved.get("kind") != "ar":
                     raise CheckpointError(f"{ckpt} is a {saved.get('kind')} checkpoint: resume it with its own command")
                 cfg = _build(ARRunConfig, apply_overrides(saved["config"], extra))
-        return fit_ar(cfg, run_dir, dist, resume=resume, hooks=hooks)
+        result = fit_ar(cfg, run_dir, dist, resume=resume, hooks=hooks)
+        finished()
+        return result
     finally:
         cleanup()
 

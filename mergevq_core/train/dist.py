@@ -54,6 +54,14 @@ def init_distributed(device_name: str | None) -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def finished() -> None:
+    """Call on success before `cleanup`: a barrier, so that no rank tears down its communication threads while
+    another is still inside a collective (gloo aborts the process otherwise). Not on errors: a failing rank must
+    exit, so that torchrun stops the others."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
