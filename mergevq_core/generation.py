@@ -47,7 +47,7 @@ class GenerateResult:
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d.update({k: v for k, v in self.stats.items()})
+        d.update(self.stats)
         del d["stats"]
         return d
 

@@ -162,7 +162,7 @@ def bench_kv_cache(
             raise ValueError(f"--n {n}: the token grid must be square")
         gen = _model(model, n, window, dev, dtype, ckpt_path)
         if ckpt_path is not None:
-            n, side = gen.n_tokens, gen.grid
+            n = gen.n_tokens
         w = gen.window
         kv_tok = gen.cfg.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
         weight_bytes = sum(p.numel() * p.element_size() for name_, p in gen.named_parameters()

@@ -318,6 +318,11 @@ class TokenShards(Dataset):
         return copy.deepcopy(self._manifest)
 
     @property
+    def files(self) -> list[Path]:
+        """The shard files, in order."""
+        return list(self._files)
+
+    @property
     def codebook_size(self) -> int:
         return int(self._manifest["codebook_size"])
 

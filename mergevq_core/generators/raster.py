@@ -318,15 +318,19 @@ class MergeAR(RasterGenerator):
         return mergear_mask(first_occurrence(groups), self.window, self.prefix)
 
 
-def analytic_peak_slots(rep: Tensor, window: int, prefix: int) -> Tensor:
-    """Peak live KV slots of MergeAR decoding for raster reps (B, N) bool: max over steps t of
-    prefix + #reps among x_0..x_t + #non-reps in the window (t - w, t]."""
+def live_slots(rep: Tensor, window: int, prefix: int) -> Tensor:
+    """Live KV slots of MergeAR decoding at each step t (input x_t), for raster reps (B, N) bool: prefix +
+    representatives among x_0..x_t + duplicates in the window (t - w, t]. Returns (B, N - 1)."""
     B, N = rep.shape
-    reps = rep[:, : N - 1].long().cumsum(1)  # reps among inputs 0..t
+    reps = rep[:, : N - 1].long().cumsum(1)
     nonrep = (~rep[:, : N - 1]).long().cumsum(1)
     lagged = torch.cat([torch.zeros(B, window, dtype=torch.long, device=rep.device), nonrep], 1)[:, : N - 1]
-    live = prefix + reps + nonrep - lagged
-    return live.max(1).values
+    return prefix + reps + nonrep - lagged
+
+
+def analytic_peak_slots(rep: Tensor, window: int, prefix: int) -> Tensor:
+    """Peak live KV slots of MergeAR decoding per image, (B,)."""
+    return live_slots(rep, window, prefix).max(1).values
 
 
 def plain_peak_slots(n_tokens: int, prefix: int) -> int:
@@ -336,9 +340,4 @@ def plain_peak_slots(n_tokens: int, prefix: int) -> int:
 
 def mean_context(rep: Tensor, window: int, prefix: int) -> float:
     """Mean attended context of MergeAR decoding over steps and images (for reporting)."""
-    B, N = rep.shape
-    reps = rep[:, : N - 1].long().cumsum(1)
-    nonrep = (~rep[:, : N - 1]).long().cumsum(1)
-    lagged = torch.cat([torch.zeros(B, window, dtype=torch.long, device=rep.device), nonrep], 1)[:, : N - 1]
-    return float((prefix + reps + nonrep - lagged).float().mean())
-
+    return float(live_slots(rep, window, prefix).float().mean())

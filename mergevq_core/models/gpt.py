@@ -165,11 +165,6 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    @property
-    def length(self) -> int:
-        """Slots attention reads when no step is pending (the high-water mark of written slots)."""
-        return self.used
-
     def live(self) -> Tensor:
         """Valid slots per sequence, (B,) long."""
         return self.valid.sum(1)

@@ -71,7 +71,7 @@ def shard_summary(shards) -> dict[str, Any]:
 
     ks: Counter[int] = Counter()
     top = -1
-    for f in shards._files:
+    for f in shards.files:
         with safe_open(str(f), "pt") as t:
             ks.update(t.get_tensor("k").tolist())
             lab = t.get_tensor("label")
