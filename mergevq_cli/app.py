@@ -18,7 +18,7 @@ from .commands import train_tokenizer as train_tokenizer_cmd
 
 app = typer.Typer(
     name="mergevq",
-    help="MergeVQ: token-merging visual tokenizer (ToMe + LFQ + source recovery).",
+    help="MergeVQ: token-merging visual tokenizer (ToMe + LFQ + source recovery) and its AR generators.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
