@@ -29,7 +29,7 @@ CLASSIFIER_DIR = Path("runs") / "classifiers"
 class SmallCNN(nn.Module):
     """Three conv stages (w, 2w, 4w channels, GroupNorm, SiLU), global pooling and a linear layer."""
 
-    def __init__(self, num_classes: int, width: int = 16) -> None:
+    def __init__(self, num_classes: int, width: int = 32) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -81,7 +81,7 @@ def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.de
 
 
 def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: int, size: int, k: int,
-                   device: torch.device, train_count: int = 4000, epochs: int = 5, seed: int = 0,
+                   device: torch.device, train_count: int = 5000, epochs: int = 8, seed: int = 0,
                    root: Path = CLASSIFIER_DIR, note: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict[str, Any]]:
     """The cached classifier for this dataset, size and tokenizer, trained now if missing. Returns it and its
     report: accuracy on held-out real images and on their reconstructions at K."""
@@ -110,7 +110,10 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x) - 127, 128):
             b = perm[i:i + 128]
-            loss = F.cross_entropy(model(x[b].to(device)), y2[b].to(device))
+            xb = x[b]
+            flip = torch.rand(len(b), generator=g) < 0.5  # horizontal flips keep every shapes class
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            loss = F.cross_entropy(model(xb.to(device)), y2[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
