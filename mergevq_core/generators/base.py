@@ -30,16 +30,12 @@ def build_generator(name: str, gpt_cfg: GPTConfig, **options: Any) -> "Generator
 
 def first_occurrence(groups: Tensor) -> Tensor:
     """(B, N) ids or group indices -> (B, N) bool: True where the value appears for the first time in raster
-    order (a representative). O(N²) comparisons per row, chunked over rows of the query."""
-    B, N = groups.shape
-    rep = torch.ones(B, N, dtype=torch.bool, device=groups.device)
-    chunk = max(1, (1 << 24) // max(1, B * N))
-    for a in range(1, N, chunk):
-        b = min(N, a + chunk)
-        eq = groups[:, a:b, None] == groups[:, None, :b]  # (B, b-a, b)
-        before = torch.arange(b, device=groups.device)[None, :] < torch.arange(a, b, device=groups.device)[:, None]
-        rep[:, a:b] = ~(eq & before).any(-1)
-    return rep
+    order (a representative). A stable sort per row keeps equal values in raster order, so the first of each run
+    of equal values is the earliest position: O(N log N), no (N, N) comparison."""
+    vals, idx = groups.sort(dim=1, stable=True)
+    starts = torch.ones_like(vals, dtype=torch.bool)
+    starts[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    return torch.zeros_like(starts).scatter_(1, idx, starts)
 
 
 @dataclass
