@@ -296,7 +296,6 @@ def plot_kv(rows: list[KVRow], path: Path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize=6)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    from ..eval.plots import save_figure
+
+    save_figure(fig, path)

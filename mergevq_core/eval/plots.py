@@ -7,6 +7,16 @@ from pathlib import Path
 NOT_LOSSES = ("grad_norm", "source_acc", "logits_real", "logits_fake", "entropy")
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
     """Left: positive loss terms against step (log scale). Right: held-out PSNR per K at each evaluation."""
     import matplotlib
@@ -38,10 +48,7 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def plot_ar_curves(rows: list[dict], path: Path, title: str = "") -> None:
@@ -62,7 +69,4 @@ def plot_ar_curves(rows: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -159,7 +159,6 @@ def plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: str
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    from .plots import save_figure
+
+    save_figure(fig, path)
