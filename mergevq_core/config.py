@@ -275,15 +275,21 @@ class TrainConfig:
     eval_tokens: tuple[int, ...] = ()  # K values of the PSNR table; () = ((√K/2)², K, N)
 
     def __post_init__(self) -> None:
-        _one_of(self.schedule, "train.schedule", ("step", "cosine"))
-        _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
-        _one_of(self.optimizer, "train.optimizer", ("adamw",))
-        _check(self.batch_size >= 1 and self.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
-        _check(all(0 < f <= 1 for f in self.lr_drops), "train.lr_drops are fractions in (0, 1]")
-        for name in ("log_every", "eval_every", "ckpt_every", "eval_images", "epochs"):
-            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check_training(self)
+        _check(self.eval_images >= 1, "train.eval_images must be >= 1")
+
+
+def _check_training(t: Any) -> None:
+    """The checks stage 1 and stage 2 share: optimiser, schedule, precision, batch sizes and step counts."""
+    _one_of(t.schedule, "train.schedule", ("step", "cosine"))
+    _one_of(t.precision, "train.precision", ("bf16", "fp16", "fp32"))
+    _one_of(t.optimizer, "train.optimizer", ("adamw",))
+    _check(t.batch_size >= 1 and t.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
+    _check(t.lr > 0, "train.lr must be > 0")
+    _check(all(0 < f <= 1 for f in t.lr_drops), "train.lr_drops are fractions in (0, 1]")
+    for name in ("log_every", "eval_every", "ckpt_every", "epochs"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -423,16 +429,9 @@ class ARTrainConfig:
     ckpt_every: int = 2000
 
     def __post_init__(self) -> None:
-        _one_of(self.schedule, "train.schedule", ("step", "cosine"))
-        _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
-        _one_of(self.optimizer, "train.optimizer", ("adamw",))
-        _check(self.batch_size >= 1 and self.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
+        _check_training(self)
         _check(0.0 <= self.label_drop < 1.0, "train.label_drop must be in [0, 1)")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
-        for name in ("log_every", "eval_every", "ckpt_every", "epochs"):
-            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

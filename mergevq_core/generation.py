@@ -246,7 +246,7 @@ def generate_images(
     if with_consistency:
         from .eval.consistency import classifier_for, consistency
 
-        data = meta.get("tokens", {}).get("dataset") or _shards_dataset(meta)
+        data = meta.get("tokens", {}).get("dataset") or {}
         clf, report = classifier_for(tok, meta["tokenizer"].get("hash", "") or "unknown", data, num_classes,
                                      tok.cfg.model.image_size, tok.cfg.merge.keep, dev, note=note)
         res_c = consistency(clf, fake.float() / 127.5 - 1, labels_all, dev)
@@ -255,13 +255,3 @@ def generate_images(
     (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
     return result
 
-
-def _shards_dataset(meta: dict[str, Any]) -> dict[str, Any]:
-    """The dataset description from the token shards' manifest the generator was trained on."""
-    from .data.codes import MANIFEST
-
-    d = meta.get("tokens", {}).get("dir")
-    try:
-        return json.loads((Path(d) / MANIFEST).read_text()).get("dataset", {}) if d else {}
-    except (OSError, ValueError):
-        return {}

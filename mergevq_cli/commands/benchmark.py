@@ -29,6 +29,14 @@ app = typer.Typer(help="Speed and memory benchmarks (tables, --json, PNG plots).
                   rich_markup_mode="rich", epilog=EXAMPLES)
 
 
+def _write(out: Path, name: str, env: dict, rows: list) -> None:
+    """Save a benchmark's environment and rows as out/name (JSON)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -61,7 +69,6 @@ def kv_cache(
     json_: JsonOpt = False,
 ) -> None:
     """MergeAR's compressed KV cache vs a sliced full cache vs a LlamaGen-style static buffer: memory and speed."""
-    import json
     import math
 
     from mergevq_core.bench.kvcache import bench_kv_cache, plot_kv
@@ -83,9 +90,7 @@ def kv_cache(
         rows, env = bench_kv_cache(ns, bs, rhos, model, device, runs, warmups, segment, window, cfg, ckpt, seed, on_row)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"environment": env, "rows": [r.to_json() for r in rows]}
-    (out / "kv_cache.json").write_text(json.dumps(data, indent=2, default=str))
+    _write(out, "kv_cache.json", env, [r.to_json() for r in rows])
     plot_kv(rows, out / "kv_cache.png")
     if json_:
         console.print_json([r.to_json() for r in rows])
@@ -116,16 +121,13 @@ def tokenizer(
     json_: JsonOpt = False,
 ) -> None:
     """Encode and decode images/s at several K, with the GMACs of each."""
-    import json
-
     from mergevq_core.bench.models import bench_tokenizer
     from mergevq_core.errors import ConfigError
 
     if runs < 10:
         raise ConfigError("--runs must be >= 10")
     rows, env = bench_tokenizer(ckpt, recipe, _ints(tokens, "--tokens") if tokens else None, batch, runs, 3, device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    _write(out, "tokenizer.json", env, rows)
     if json_:
         console.print_json(rows)
         return
@@ -145,16 +147,13 @@ def ar(
     json_: JsonOpt = False,
 ) -> None:
     """Training and sampling tokens/s of llamagen, mergear and randar at a recipe's size (random weights)."""
-    import json
-
     from mergevq_core.bench.models import bench_ar
     from mergevq_core.errors import ConfigError
 
     if runs < 10:
         raise ConfigError("--runs must be >= 10")
     rows, env = bench_ar(recipe, batch, runs, 3, device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ar.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    _write(out, "ar.json", env, rows)
     if json_:
         console.print_json(rows)
         return
