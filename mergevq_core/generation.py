@@ -250,8 +250,13 @@ def generate_images(
         clf, report = classifier_for(tok, meta["tokenizer"].get("hash", "") or "unknown", data, num_classes,
                                      tok.cfg.model.image_size, tok.cfg.merge.keep, dev, note=note)
         res_c = consistency(clf, fake.float() / 127.5 - 1, labels_all, dev)
+        predicted = report.get("val_acc_recon_predicted")
         result.consistency = {**res_c, "classifier_val_acc_real": report["val_acc_real"],
-                              "classifier_val_acc_recon": report["val_acc_recon"]}
+                              "classifier_val_acc_recon": report["val_acc_recon"],
+                              "classifier_val_acc_recon_predicted": predicted,
+                              # what a perfect generator of this sampler could score: randar decodes with the
+                              # predicted source, the raster samplers with the true one
+                              "ceiling": predicted if sampler == "randar" else report["val_acc_recon"]}
     (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
     return result
 

@@ -111,8 +111,12 @@ def test_gfid_is_and_consistency(pipeline, tmp_path, inception_stand_in, monkeyp
     assert 0 <= c["consistency"] <= 1 and set(c["per_class"]) == {"0", "3"} and c["samples"] == 4
     assert 0 <= c["classifier_val_acc_real"] <= 1
     assert len(list((tmp_path / "clf").glob("*/classifier.safetensors"))) == 1
+    assert c["ceiling"] == c["classifier_val_acc_recon"]  # mergear decodes with the true (Position Cache) source
+    assert 0 <= c["classifier_val_acc_recon_predicted"] <= 1  # the tiny tokenizer has a source recovery model
     again = run(pipeline, "mergear", tmp_path / "again", fid=None, with_consistency=True)  # cached: loads, no training
     assert again.consistency["classifier_val_acc_real"] == c["classifier_val_acc_real"]
+    rand = run(pipeline, "randar", tmp_path / "r", fid=None, with_consistency=True).consistency
+    assert rand["ceiling"] == c["classifier_val_acc_recon_predicted"]  # randar decodes with the predicted source
 
 
 def test_fid_statistics_file(pipeline, tmp_path, inception_stand_in):

@@ -104,6 +104,9 @@ def generate(
         rows.append(("Inception Score", f"{isc['mean']:.2f} ± {isc['std']:.2f}" if isc.get("available") else f"unavailable: {isc.get('reason')}"))
     if res.consistency is not None:
         c = res.consistency
+        pred = c.get("classifier_val_acc_recon_predicted")
+        pred_txt = f", {pred:.3f} with the predicted source" if pred is not None else ""
         rows.append(("class consistency", f"{c['consistency']:.3f} (classifier: {c['classifier_val_acc_real']:.3f} on real, "
-                                          f"{c['classifier_val_acc_recon']:.3f} on reconstructions)"))
+                                          f"{c['classifier_val_acc_recon']:.3f} on reconstructions{pred_txt}; "
+                                          f"ceiling for {res.sampler} {c['ceiling']:.3f})"))
     console.kv(f"generate ({res.sampler})", rows)

@@ -8,7 +8,7 @@ from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, RecipeArg, Resume
 EXAMPLES = """
 Examples:
 
-  mergevq train-tokenizer recipes/tiny.yaml            # CPU, built-in shapes data, about 8 minutes
+  mergevq train-tokenizer recipes/tiny.yaml            # CPU, built-in shapes data, 10–16 minutes on 2 cores
 
   mergevq train-tokenizer recipes/gr.yaml --set data.root=/data/imagenet/train \\
       --set model.encoder.dinov2_weights=dinov2_vitb14.pth --set loss.teacher_weights=dinov2_vitb14.pth \\

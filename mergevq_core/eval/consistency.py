@@ -3,7 +3,8 @@
 A small CNN is trained on the generator's own labelled data (the built-in shapes, or the image folder the token
 shards came from), on real images and on their reconstructions through the same tokenizer, so that it judges
 the class and not the tokenizer's blur; its accuracy on held-out real and reconstructed images is reported next
-to the consistency, as the ceiling a perfect generator could reach. The classifier is cached per dataset,
+to the consistency, as the ceiling a perfect generator could reach: with the true source for LlamaGen and MergeAR
+(whose Position Cache yields it), with the source recovery model's predicted source for RandAR. The classifier is cached per dataset,
 image size and tokenizer under `runs/classifiers/`, written atomically (safetensors + JSON).
 """
 
@@ -64,13 +65,30 @@ def _labelled_images(data: dict[str, Any], size: int, count: int, split: str) ->
     raise DataError(f"class consistency needs labelled data (shapes or an image folder); the shards came from {source!r}")
 
 
-def _reconstruct(tok: Any, images: Tensor, k: int, device: torch.device, batch: int = 256) -> Tensor:
+def _reconstruct(tok: Any, images: Tensor, k: int, device: torch.device, batch: int = 256,
+                 predicted: bool = False) -> Tensor:
+    """Reconstructions at K with the true source, or (`predicted`) with the `assign` the source recovery model
+    predicts from the ids alone, as RandAR's samples are decoded."""
     out = []
     with torch.no_grad():
         for i in range(0, images.shape[0], batch):
             x = images[i:i + batch].to(device)
-            out.append(tok(x, tokens=k)[0].clamp(-1, 1).cpu())
+            if predicted:
+                enc = tok.encode(x, tokens=k)
+                y = tok.decode(enc.ids, tok.predict_assign(enc.ids))
+            else:
+                y = tok(x, tokens=k)[0]
+            out.append(y.clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def _predicted_source_acc(model: nn.Module, tok: Any, data: dict[str, Any], size: int, k: int,
+                          device: torch.device) -> float | None:
+    """Accuracy on held-out reconstructions decoded with the predicted source: the ceiling for RandAR."""
+    if getattr(tok, "recovery", None) is None:
+        return None
+    xv, yv = _labelled_images(data, size, 1000, "val")
+    return _accuracy(model, _reconstruct(tok, xv, k, device, predicted=True), yv, device)
 
 
 def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> float:
@@ -94,6 +112,9 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("num_classes") == num_classes:
             model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
+            if "val_acc_recon_predicted" not in meta:  # cached before this figure was recorded
+                meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, data, size, k, device)
+                write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
             return model.eval(), meta
     note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
     t0 = time.perf_counter()
@@ -122,6 +143,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
     meta = {"num_classes": num_classes, "size": size, "tokens": k, "tokenizer_hash": tok_hash, "data": data,
             "train_images": 2 * train_count, "val_acc_real": _accuracy(model, xv, yv, device),
             "val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
+            "val_acc_recon_predicted": _predicted_source_acc(model, tok, data, size, k, device),
             "train_s": time.perf_counter() - t0}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))
