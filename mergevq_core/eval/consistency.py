@@ -2,10 +2,11 @@
 
 A small CNN is trained on the generator's own labelled data (the built-in shapes, or the image folder the token
 shards came from), on real images and on their reconstructions through the same tokenizer, so that it judges
-the class and not the tokenizer's blur; its accuracy on held-out real and reconstructed images is reported next
-to the consistency, as the ceiling a perfect generator could reach: with the true source for LlamaGen and MergeAR
-(whose Position Cache yields it), with the source recovery model's predicted source for RandAR. The classifier is cached per dataset,
-image size and tokenizer under `runs/classifiers/`, written atomically (safetensors + JSON).
+the class and not the tokenizer's blur. Its accuracy on held-out real and reconstructed images is reported next
+to the consistency as the ceiling a perfect generator could reach: reconstructions with the true source for
+LlamaGen and MergeAR (whose Position Cache yields it), with the source recovery model's predicted source for
+RandAR. The classifier is cached per dataset, image size and tokenizer under `runs/classifiers/`, written
+atomically (safetensors + JSON).
 """
 
 from __future__ import annotations
