@@ -83,12 +83,10 @@ def _reconstruct(tok: Any, images: Tensor, k: int, device: torch.device, batch: 
     return torch.cat(out)
 
 
-def _predicted_source_acc(model: nn.Module, tok: Any, data: dict[str, Any], size: int, k: int,
-                          device: torch.device) -> float | None:
+def _predicted_source_acc(model: nn.Module, tok: Any, xv: Tensor, yv: Tensor, k: int, device: torch.device) -> float | None:
     """Accuracy on held-out reconstructions decoded with the predicted source: the ceiling for RandAR."""
     if getattr(tok, "recovery", None) is None:
         return None
-    xv, yv = _labelled_images(data, size, 1000, "val")
     return _accuracy(model, _reconstruct(tok, xv, k, device, predicted=True), yv, device)
 
 
@@ -114,7 +112,8 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
         if meta.get("num_classes") == num_classes:
             model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
             if "val_acc_recon_predicted" not in meta:  # cached before this figure was recorded
-                meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, data, size, k, device)
+                xv, yv = _labelled_images(data, size, 1000, "val")
+                meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, xv, yv, k, device)
                 write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
             return model.eval(), meta
     note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
@@ -144,7 +143,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
     meta = {"num_classes": num_classes, "size": size, "tokens": k, "tokenizer_hash": tok_hash, "data": data,
             "train_images": 2 * train_count, "val_acc_real": _accuracy(model, xv, yv, device),
             "val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
-            "val_acc_recon_predicted": _predicted_source_acc(model, tok, data, size, k, device),
+            "val_acc_recon_predicted": _predicted_source_acc(model, tok, xv, yv, k, device),
             "train_s": time.perf_counter() - t0}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))
