@@ -47,10 +47,14 @@ class EncoderConfig:
     layer_scale: float = 1e-5
     init: str = "random"  # random | dinov2 (weight selection from dinov2_weights, paper A.1)
     dinov2_weights: str | None = None  # local timm-format DINOv2 state dict (.safetensors / .pth)
+    # none: the tokens carry no absolute position (release). sincos: a fixed 2D sin-cos embedding is added to the
+    # stem's tokens, so the merged codes can say where their groups lie and source recovery can predict `assign`.
+    pos_embed: str = "none"
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "model.encoder.kind", ("hybrid", "vit"))
         _one_of(self.init, "model.encoder.init", ("random", "dinov2"))
+        _one_of(self.pos_embed, "model.encoder.pos_embed", ("none", "sincos"))
         _check(self.dim % self.heads == 0, f"model.encoder.dim={self.dim} is not divisible by heads={self.heads}")
         _check(self.depth >= 1, "model.encoder.depth must be >= 1")
         if self.kind == "hybrid":

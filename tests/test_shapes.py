@@ -110,3 +110,25 @@ def test_fresh_dino_alignment_gives_a_moderate_gradient(tokenizer):
     ce(tokenizer.align_features(torch.rand(4, 3, s, s) * 2 - 1), target).backward()
     norm = torch.cat([p.grad.flatten() for p in tokenizer.align_head.parameters()]).norm()
     assert 1e-4 < float(norm) < 1e3
+
+
+def test_sincos_position_embedding_tells_interior_tokens_apart():
+    """A flat image: without a position embedding the encoder's interior tokens are identical (only the conv
+    padding marks the border); with `pos_embed: sincos` every token differs, so codes can say where they lie."""
+    from mergevq_core.models.encoder import sincos_grid_embedding
+
+    from .conftest import ROOT
+
+    emb = sincos_grid_embedding(4, 6, 32)
+    assert emb.shape == (24, 32) and torch.unique(emb, dim=0).shape[0] == 24
+    x = torch.zeros(1, 3, 32, 32)
+    interior = []
+    for pe in ("none", "sincos"):
+        tok = build_tokenizer(small_config(ROOT / "recipes" / "tiny.yaml", (f"model.encoder.pos_embed={pe}",))).eval()
+        n = tok.n_tokens
+        with torch.no_grad():
+            out = tok.encoder(x, [0] * len(tok.encoder.blocks))  # K = N: no merging
+        side = int(n ** 0.5)
+        grid = out.tokens[0].reshape(side, side, -1)[2:-2, 2:-2].reshape(-1, out.tokens.shape[-1])
+        interior.append(torch.cdist(grid, grid).max())
+    assert float(interior[0]) < 1e-4 < float(interior[1])

@@ -2,10 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mergevq_core.tome import (
     KeepSampler,
     bipartite_match,
+    canonical_assign,
     canonical_order,
     initial_assign,
     is_perfect_square,
@@ -251,3 +253,48 @@ def test_keep_candidates_respect_the_reachable_minimum():
     assert ks == [16, 25, 36] and abs(sum(ps) - 1) < 1e-9
     gen = torch.Generator().manual_seed(0)
     assert min(KeepSampler(16, 64, "gaussian", 4, min_keep=16).sample(gen) for _ in range(200)) == 16
+
+
+def _is_canonical(assign, k):
+    """Slot 0 at n = 0, slots first appear in increasing order, all K used."""
+    for row in assign.tolist():
+        seen = -1
+        for a in row:
+            if a > seen + 1:
+                return False
+            seen = max(seen, a)
+        if seen != k - 1:
+            return False
+    return True
+
+
+def test_canonical_assign_is_the_exact_constrained_maximum():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 6, 3
+    scores = torch.randn(40, n, k, generator=g).log_softmax(-1)
+    got = canonical_assign(scores)
+    assert _is_canonical(got, k)
+    valid = [c for c in itertools.product(range(k), repeat=n) if _is_canonical(torch.tensor([c]), k)]
+    table = torch.tensor(valid)  # (V, N)
+    for b in range(scores.shape[0]):
+        totals = scores[b].gather(1, table.T).sum(0)  # (V,)
+        best = float(totals.max())
+        mine = float(scores[b].gather(1, got[b][:, None]).sum())
+        assert mine == pytest.approx(best, abs=1e-5)
+
+
+def test_canonical_assign_keeps_a_valid_argmax_and_fixes_an_invalid_one():
+    n, k = 64, 36
+    true = torch.randint(0, k, (3, n), generator=torch.Generator().manual_seed(1))
+    true[:, :k] = torch.arange(k)  # every slot opened in order, then any slot: a canonical assign
+    scores = F.one_hot(true, k).float() * 5.0
+    assert torch.equal(canonical_assign(scores.log_softmax(-1)), true)  # the argmax is canonical: kept
+    noisy = scores + torch.randn(scores.shape, generator=torch.Generator().manual_seed(2)) * 3.0
+    assert not _is_canonical(noisy.argmax(-1), k)
+    assert _is_canonical(canonical_assign(noisy.log_softmax(-1)), k)
+    # K = N leaves one choice: the identity
+    assert torch.equal(canonical_assign(torch.randn(2, 9, 9)), torch.arange(9).expand(2, 9))
+    with pytest.raises(ValueError, match="cannot all be used"):
+        canonical_assign(torch.randn(1, 4, 5))

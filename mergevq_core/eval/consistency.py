@@ -26,6 +26,7 @@ from ..fileio import write_atomic
 __all__ = ["SmallCNN", "classifier_for", "consistency"]
 
 CLASSIFIER_DIR = Path("runs") / "classifiers"
+PREDICTED_ASSIGN = "canonical"  # how val_acc_recon_predicted decoded: tokenizer.predict_assign(constrained=True)
 
 
 class SmallCNN(nn.Module):
@@ -111,9 +112,10 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("num_classes") == num_classes:
             model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
-            if "val_acc_recon_predicted" not in meta:  # cached before this figure was recorded
+            if meta.get("predicted_assign") != PREDICTED_ASSIGN:  # cached before this figure was (so) recorded
                 xv, yv = _labelled_images(data, size, 1000, "val")
                 meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, xv, yv, k, device)
+                meta["predicted_assign"] = PREDICTED_ASSIGN
                 write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
             return model.eval(), meta
     note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
@@ -144,6 +146,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
             "train_images": 2 * train_count, "val_acc_real": _accuracy(model, xv, yv, device),
             "val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
             "val_acc_recon_predicted": _predicted_source_acc(model, tok, xv, yv, k, device),
+            "predicted_assign": PREDICTED_ASSIGN,
             "train_s": time.perf_counter() - t0}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))

@@ -91,6 +91,18 @@ class PatchStem(nn.Module):
         return self.norm(self.conv_in(x))
 
 
+def sincos_grid_embedding(h: int, w: int, dim: int, device: torch.device | str | None = None) -> Tensor:
+    """Fixed 2D sin-cos embedding (h*w, dim) of a raster grid (MAE-style: half the channels encode the row,
+    half the column, frequencies 1/10000^(i/F)); zero-padded when dim is not a multiple of 4."""
+    n_freq = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(n_freq, device=device, dtype=torch.float32) / max(n_freq, 1))  # (F,)
+    yy, xx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    ang_y, ang_x = yy.flatten()[:, None] * omega, xx.flatten()[:, None] * omega  # (h*w, F)
+    emb = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)  # (h*w, 4F)
+    return F.pad(emb, (0, dim - emb.shape[1]))
+
+
 class MergeEncoder(nn.Module):
     """Images → K merged tokens in canonical order, their cls token and the source `assign`."""
 
@@ -98,7 +110,8 @@ class MergeEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stem = HybridStem(cfg) if cfg.kind == "hybrid" else PatchStem(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # no positional embedding (release)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = cfg.pos_embed  # the release has none
         self.blocks = nn.ModuleList(
             ToMeBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale, prop_attn) for _ in range(cfg.depth)
         )
@@ -106,8 +119,11 @@ class MergeEncoder(nn.Module):
     def forward(self, images: Tensor, schedule: list[int] | tuple[int, ...]) -> EncoderOut:
         """Shapes: images (B, 3, H, W) in [-1, 1]; schedule: merges per block, Σ = N - K."""
         assert len(schedule) == len(self.blocks), f"schedule has {len(schedule)} entries for {len(self.blocks)} blocks"
-        x = rearrange(self.stem(images), "b c h w -> b (h w) c")  # (B, N, C)
+        feats = self.stem(images)  # (B, C, h, w)
+        x = rearrange(feats, "b c h w -> b (h w) c")  # (B, N, C)
         b, n, _ = x.shape
+        if self.pos_embed == "sincos":
+            x = x + sincos_grid_embedding(feats.shape[2], feats.shape[3], x.shape[-1], x.device).to(x.dtype)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1+N, C)
         state = MergeState(None, initial_assign(b, n, has_cls=True, device=x.device))
         for block, r in zip(self.blocks, schedule):

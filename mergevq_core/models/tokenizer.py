@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..quant import LFQ, QuantOut, indices_to_codes
-from ..tome import merge_schedule
+from ..tome import canonical_assign, merge_schedule
 from .decoder import AdaGN, Decoder, recover_full, to_grid
 from .encoder import AlignHead, CodeProjection, MergeEncoder
 from .recovery import SourceRecovery
@@ -84,10 +84,13 @@ class MergeVQTokenizer(nn.Module):
         return self.recovery(quantized)
 
     @torch.no_grad()
-    def predict_assign(self, ids: Tensor) -> Tensor:
-        """ids (B, K) alone → predicted assign (B, N) in [0, K): what generation has instead of the true source."""
+    def predict_assign(self, ids: Tensor, constrained: bool = True) -> Tensor:
+        """ids (B, K) alone → predicted assign (B, N) in [0, K): what generation has instead of the true source.
+        `constrained`: the most likely assign that respects the canonical order (`canonical_assign`); otherwise
+        each position's own argmax, which may skip slots or open them out of order."""
         codes = indices_to_codes(ids, self.quantizer.dim).to(self._dtype())
-        return self.recovery_logits(codes).argmax(dim=-1)
+        logits = self.recovery_logits(codes).float()
+        return canonical_assign(logits.log_softmax(dim=-1)) if constrained else logits.argmax(dim=-1)
 
     def align_features(self, images: Tensor, tokens: int | None = None) -> Tensor:
         """Student view (B, 3, h, w) → (B, out_dim) through a second encoder pass and the alignment head.

@@ -2,6 +2,7 @@
 from .matching import (
     MergePlan,
     bipartite_match,
+    canonical_assign,
     canonical_order,
     identity_plan,
     initial_assign,
@@ -25,6 +26,7 @@ __all__ = [
     "KeepSampler",
     "MergePlan",
     "bipartite_match",
+    "canonical_assign",
     "canonical_order",
     "identity_plan",
     "initial_assign",

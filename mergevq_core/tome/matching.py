@@ -137,6 +137,41 @@ def canonical_order(assign: Tensor, k: int, offset: int = 1) -> tuple[Tensor, Te
     return perm, rank.gather(1, local)
 
 
+def canonical_assign(scores: Tensor) -> Tensor:
+    """The most likely `assign` that a canonical order can produce, from per-position slot scores.
+
+    scores (B, N, K): log-probabilities (or any additive scores) of each original position n belonging to slot k.
+    Returns assign (B, N) in [0, K) maximising Σ_n scores[n, assign[n]] subject to the invariants of
+    `canonical_order`: slot 0 covers n = 0, slots first appear in increasing raster order, every slot is used
+    (so assign[n] ≤ max(assign[:n]) + 1). A per-position argmax ignores them; this is exact (Viterbi over the
+    largest slot opened so far, O(N·K)). Needs K ≤ N.
+    """
+    bsz, n, k = scores.shape
+    if k > n:
+        raise ValueError(f"{k} slots cannot all be used by {n} positions")
+    scores = scores.float()
+    neg = torch.finfo(torch.float32).min / 4
+    best_old, best_old_at = torch.cummax(scores, dim=2)  # (B, N, K): best slot among 0..m, for every m
+    value = torch.full((bsz, k), neg, device=scores.device)  # value[m]: best total with slots 0..m opened
+    value[:, 0] = scores[:, 0, 0]
+    opened = torch.zeros(bsz, n, k, dtype=torch.bool, device=scores.device)  # position n opened slot m
+    opened[:, 0, 0] = True
+    pad = torch.full((bsz, 1), neg, device=scores.device)
+    for i in range(1, n):
+        stay = value + best_old[:, i]
+        new = torch.cat([pad, value[:, :-1] + scores[:, i, 1:]], dim=1)
+        opened[:, i] = new > stay
+        value = torch.maximum(stay, new)
+    out = torch.empty(bsz, n, dtype=torch.long, device=scores.device)
+    m = torch.full((bsz,), k - 1, dtype=torch.long, device=scores.device)
+    rows = torch.arange(bsz, device=scores.device)
+    for i in range(n - 1, -1, -1):
+        took = opened[rows, i, m]
+        out[:, i] = torch.where(took, m, best_old_at[rows, i, m])
+        m = m - took.long()
+    return out
+
+
 def source_matrix(assign: Tensor, k: int) -> Tensor:
     """(B, K, N) float one-hot: S[b, k, n] = 1 iff assign[b, n] == k."""
     return F.one_hot(assign, k).transpose(1, 2).float()
