@@ -150,24 +150,25 @@ def canonical_assign(scores: Tensor) -> Tensor:
     if k > n:
         raise ValueError(f"{k} slots cannot all be used by {n} positions")
     scores = scores.float()
+    dev = scores.device
     neg = torch.finfo(torch.float32).min / 4
-    best_old, best_old_at = torch.cummax(scores, dim=2)  # (B, N, K): best slot among 0..m, for every m
-    value = torch.full((bsz, k), neg, device=scores.device)  # value[m]: best total with slots 0..m opened
+    value = torch.full((bsz, k), neg, device=dev)  # value[m]: best total so far with slots 0..m opened
     value[:, 0] = scores[:, 0, 0]
-    opened = torch.zeros(bsz, n, k, dtype=torch.bool, device=scores.device)  # position n opened slot m
+    opened = torch.zeros(bsz, n, k, dtype=torch.bool, device=dev)  # position i opened slot m on the best path
     opened[:, 0, 0] = True
-    pad = torch.full((bsz, 1), neg, device=scores.device)
+    pad = torch.full((bsz, 1), neg, device=dev)
     for i in range(1, n):
-        stay = value + best_old[:, i]
-        new = torch.cat([pad, value[:, :-1] + scores[:, i, 1:]], dim=1)
+        stay = value + torch.cummax(scores[:, i], dim=1).values  # join the best of the slots 0..m already open
+        new = torch.cat([pad, value[:, :-1] + scores[:, i, 1:]], dim=1)  # open slot m here
         opened[:, i] = new > stay
         value = torch.maximum(stay, new)
-    out = torch.empty(bsz, n, dtype=torch.long, device=scores.device)
-    m = torch.full((bsz,), k - 1, dtype=torch.long, device=scores.device)
-    rows = torch.arange(bsz, device=scores.device)
+    out = torch.empty(bsz, n, dtype=torch.long, device=dev)
+    m = torch.full((bsz,), k - 1, dtype=torch.long, device=dev)
+    rows, slots = torch.arange(bsz, device=dev), torch.arange(k, device=dev)
     for i in range(n - 1, -1, -1):
         took = opened[rows, i, m]
-        out[:, i] = torch.where(took, m, best_old_at[rows, i, m])
+        best_open = scores[:, i].masked_fill(slots > m[:, None], float("-inf")).argmax(dim=1)
+        out[:, i] = torch.where(took, m, best_open)
         m = m - took.long()
     return out
 
