@@ -112,7 +112,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("num_classes") == num_classes:
             model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
-            if meta.get("predicted_assign") != PREDICTED_ASSIGN:  # cached before this figure was (so) recorded
+            if meta.get("predicted_assign") != PREDICTED_ASSIGN:  # cached before this figure used that decoding
                 xv, yv = _labelled_images(data, size, 1000, "val")
                 meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, xv, yv, k, device)
                 meta["predicted_assign"] = PREDICTED_ASSIGN
