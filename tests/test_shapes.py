@@ -8,7 +8,7 @@ import torch
 from mergevq_core.models import build_tokenizer
 from mergevq_core.tome import source_matrix
 
-from .conftest import TOKENIZER_RECIPES, small_config
+from .conftest import ROOT, TOKENIZER_RECIPES, small_config
 
 
 @pytest.fixture(params=TOKENIZER_RECIPES, ids=lambda p: p.stem)
@@ -116,8 +116,6 @@ def test_sincos_position_embedding_tells_interior_tokens_apart():
     """A flat image: without a position embedding the encoder's interior tokens are identical (only the conv
     padding marks the border); with `pos_embed: sincos` every token differs, so codes can say where they lie."""
     from mergevq_core.models.encoder import sincos_grid_embedding
-
-    from .conftest import ROOT
 
     emb = sincos_grid_embedding(4, 6, 32)
     assert emb.shape == (24, 32) and torch.unique(emb, dim=0).shape[0] == 24
