@@ -225,11 +225,11 @@ def train_tokenizer(
 def train_ar(
     recipe: str | Path, overrides: tuple[str, ...] | list[str] = (), tokens: str | Path | None = None,
     generator: str | None = None, out: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
-    seed: int | None = None, device: str | None = None, hooks: Any = None,
+    seed: int | None = None, device: str | None = None, hooks: Any = None, init: str | Path | None = None,
 ) -> Any:
     """Stage-2 training (see `train.ar_loop`) on token shards. Returns an `ARTrainResult`.
 
-    `tokens` and `generator` override data.tokens and generator.name. The run folder is `out`, else
+    `tokens`, `generator` and `init` override data.tokens, generator.name and train.init. The run folder is `out`, else
     `runs/<recipe>-<generator>-<time>`; with `resume` and no `out`, the newest run of that recipe and generator."""
     from .config import ARRunConfig, _build, apply_overrides, load_ar_config
     from .errors import CheckpointError
@@ -246,6 +246,8 @@ def train_ar(
         extra.append(f"train.max_steps={max_steps}")
     if seed is not None:
         extra.append(f"train.seed={seed}")
+    if init is not None:
+        extra.append(f"train.init={Path(init)}")
     cfg = load_ar_config(recipe, extra)
     dist = init_distributed(device)
     try:

@@ -431,6 +431,7 @@ class ARTrainConfig:
     log_every: int = 50
     eval_every: int = 2000
     ckpt_every: int = 2000
+    init: str | None = None  # a generator run or checkpoint whose weights start a new run (fresh optimizer)
 
     def __post_init__(self) -> None:
         _check_training(self)

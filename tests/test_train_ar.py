@@ -154,3 +154,22 @@ def test_recipe_kinds_do_not_mix(tmp_path, shards):
     with pytest.raises(MergeVQError, match="llamagen checkpoint, not mergear"):
         train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "c", resume=True,
                  max_steps=2, device="cpu")
+
+
+def test_init_starts_a_new_run_from_trained_weights(tmp_path, shards):
+    a = train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "a", max_steps=12,
+                 device="cpu")
+    b = train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "b", max_steps=4,
+                 device="cpu", init=tmp_path / "a")
+    # step 0 of the new run evaluates exactly the weights it started from; its optimizer and schedule are fresh
+    assert b.val_losses[0] == (0, a.val_loss) and b.resumed_from is None and b.steps == 4
+    assert read_meta(latest_checkpoint(tmp_path / "b"))["init"] == str(latest_checkpoint(tmp_path / "a"))
+    with pytest.raises(MergeVQError, match="a mergear generator, not randar"):
+        train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="randar", out=tmp_path / "c", max_steps=1,
+                 device="cpu", init=tmp_path / "a")
+    with pytest.raises(MergeVQError, match=r"another architecture \(dim"):
+        train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards, "model.dim=64"), generator="mergear", out=tmp_path / "d",
+                 max_steps=1, device="cpu", init=tmp_path / "a")
+    with pytest.raises(MergeVQError, match="checkpoint not found"):
+        train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "e", max_steps=1,
+                 device="cpu", init=tmp_path / "missing")

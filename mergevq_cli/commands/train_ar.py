@@ -19,6 +19,8 @@ Examples:
   torchrun --nproc-per-node 8 -m mergevq_cli train-ar recipes/ar/mergear-l.yaml --tokens tokens/gr
 
   mergevq train-ar recipes/ar/tiny.yaml --generator randar --out runs/randar-1 --resume
+
+  mergevq train-ar recipes/ar/tiny.yaml -g mergear --tokens tokens/tiny200 --init runs/ar-mergear   # more data
 """
 
 GeneratorOpt = Annotated[
@@ -31,6 +33,7 @@ def train_ar(
     tokens: Annotated[Optional[Path], typer.Option("--tokens", "-t", help="Token-shards folder from `mergevq tokenize` (overrides data.tokens).")] = None,
     generator: GeneratorOpt = None, out: OutOpt = None, resume: ResumeOpt = False, max_steps: MaxStepsOpt = None,
     set_: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", json_: JsonOpt = False,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this generator run's weights (same generator, architecture and tokenizer) with a fresh optimizer and schedule, e.g. to train on more data.")] = None,
 ) -> None:
     """Train a stage-2 generator (LlamaGen, MergeAR or RandAR) on token shards."""
     from mergevq_core import api
@@ -41,6 +44,8 @@ def train_ar(
     def on_start(info: dict) -> None:
         if not json_:
             what = "resuming" if info["resumed"] else "training"
+            if info.get("init"):
+                what += f" from {info['init']}"
             procs = f" × {info['world_size']} processes" if info["world_size"] > 1 else ""
             ks = ", ".join(f"{k}: {n}" for k, n in info["k_counts"].items())
             bar.note(
@@ -61,7 +66,7 @@ def train_ar(
         on_eval=on_eval,
     )
     try:
-        res = api.train_ar(recipe, tuple(set_ or ()), tokens, generator, out, resume, max_steps, seed, device, hooks)
+        res = api.train_ar(recipe, tuple(set_ or ()), tokens, generator, out, resume, max_steps, seed, device, hooks, init)
     finally:
         if bar.task is not None:
             bar.stop()

@@ -170,6 +170,7 @@ def fit_ar(
         acc, acc_n = dict(st["log_acc"]), int(st["log_n"])
         step, wall_before, tokens_before = int(st["step"]), float(st["wall_s"]), int(st["tokens"])
         val_hist = [(int(s), float(v)) for s, v in st.get("val_hist", [])]
+    init_from = _init_weights(model, tc.init, name, shards.tokenizer_hash) if tc.init and ckpt is None else tc.init
 
     train_model: Any = model
     if dist.enabled:
@@ -194,7 +195,7 @@ def fit_ar(
                 "config": config_to_dict(cfg), "tokenizer": tokenizer,
                 "tokens": {"dir": str(shards.dir), "k_counts": summary["k_counts"], "common_k": summary["common_k"],
                            "grid": shards.grid, "dataset": shards.manifest.get("dataset", {})},
-                "world_size": dist.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "world_size": dist.world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "init": init_from,
                 "val_loss": val_hist[-1][1] if val_hist else None}
 
     def save(at: int) -> Path:
@@ -237,7 +238,7 @@ def fit_ar(
                         "world_size": dist.world_size, "accum": accum, "batch_size": tc.batch_size,
                         "params": sum(p.numel() for p in model.parameters()),
                         "train_items": len(train_set), "val_items": len(val_set), "generator": name,
-                        "resumed": ckpt is not None, "k_counts": summary["k_counts"]})
+                        "resumed": ckpt is not None, "init": init_from, "k_counts": summary["k_counts"]})
     resumed_from = step if ckpt is not None else None
     if dist.is_main and ckpt is None:
         evaluate(0)  # the untrained model's loss, for the curve
@@ -302,6 +303,26 @@ def fit_ar(
         params=sum(p.numel() for p in model.parameters()), checkpoint=str(last_path), tokenizer=tokenizer,
         resumed_from=resumed_from, final_losses=final,
     )
+
+
+def _init_weights(model: Any, init: str, name: str, tokenizer_hash: str | None) -> str:
+    """Load the generator weights of run or checkpoint `init` into `model` (the start of a new run: the optimizer,
+    schedule and data order start fresh). It must be the same generator, architecture and tokenizer."""
+    src = ck.resolve_checkpoint(Path(init))
+    meta = ck.read_meta(src)
+    if meta.get("kind") != "ar":
+        raise CheckpointError(f"train.init: {src} is a {meta.get('kind')} checkpoint, not a generator")
+    if meta.get("generator") != name:
+        raise CheckpointError(f"train.init: {src} is a {meta.get('generator')} generator, not {name}")
+    ours = json.loads(json.dumps(asdict(model.cfg)))  # tuples as JSON lists, like meta.json
+    if meta.get("gpt") != ours:
+        diff = sorted(k for k, v in ours.items() if meta.get("gpt", {}).get(k) != v)
+        raise CheckpointError(f"train.init: {src} has another architecture ({', '.join(diff)} differ)")
+    theirs = meta.get("tokenizer", {}).get("hash")
+    if tokenizer_hash and theirs and theirs != tokenizer_hash:
+        raise CheckpointError(f"train.init: {src} was trained on another tokenizer's ids than these shards")
+    ck.load_state_strict(model, ck.read_tensors(src, "generator"), str(src))
+    return str(src)
 
 
 def _gather_gen_state(gen: torch.Generator, dist: DistInfo) -> Any:
