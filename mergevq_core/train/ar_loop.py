@@ -315,8 +315,9 @@ def _init_weights(model: Any, init: str, name: str, tokenizer_hash: str | None) 
     if meta.get("generator") != name:
         raise CheckpointError(f"train.init: {src} is a {meta.get('generator')} generator, not {name}")
     ours = json.loads(json.dumps(asdict(model.cfg)))  # tuples as JSON lists, like meta.json
-    if meta.get("gpt") != ours:
-        diff = sorted(k for k, v in ours.items() if meta.get("gpt", {}).get(k) != v)
+    regularisers = ("dropout", "token_dropout")  # may change between runs; the rest defines the weights' meaning
+    diff = sorted(k for k, v in ours.items() if k not in regularisers and meta.get("gpt", {}).get(k) != v)
+    if diff:
         raise CheckpointError(f"train.init: {src} has another architecture ({', '.join(diff)} differ)")
     theirs = meta.get("tokenizer", {}).get("hash")
     if tokenizer_hash and theirs and theirs != tokenizer_hash:
