@@ -155,6 +155,7 @@ def fit_ar(
         meta = ck.read_meta(ckpt)
         if meta.get("kind") != "ar" or meta.get("generator") != name:
             raise CheckpointError(f"{ckpt} is a {meta.get('generator') or meta.get('kind')} checkpoint, not {name}: use another --out")
+        init_from = meta.get("init")  # a resumed run keeps the checkpoint its first start loaded
         st = ck.read_train_state(ckpt)
         ck.load_state_strict(model, ck.read_tensors(ckpt, "generator"), f"{ckpt}/generator")
         opt.load_state_dict(st["opt"])
@@ -170,7 +171,8 @@ def fit_ar(
         acc, acc_n = dict(st["log_acc"]), int(st["log_n"])
         step, wall_before, tokens_before = int(st["step"]), float(st["wall_s"]), int(st["tokens"])
         val_hist = [(int(s), float(v)) for s, v in st.get("val_hist", [])]
-    init_from = _init_weights(model, tc.init, name, shards.tokenizer_hash) if tc.init and ckpt is None else tc.init
+    else:
+        init_from = _init_weights(model, tc.init, name, shards.tokenizer_hash) if tc.init else None
 
     train_model: Any = model
     if dist.enabled:
