@@ -244,19 +244,22 @@ def generate_images(
         result.fid = gfid(fake, fid, inception_weights, dev, seed)
         result.inception_score = inception_score(fake, inception_weights, dev)
     if with_consistency:
-        from .eval.consistency import classifier_for, consistency
+        from .eval.consistency import classifier_for, consistency, references_at
 
         data = meta.get("tokens", {}).get("dataset") or {}
         clf, report = classifier_for(tok, meta["tokenizer"].get("hash", "") or "unknown", data, num_classes,
                                      tok.cfg.model.image_size, tok.cfg.merge.keep, dev, note=note)
         res_c = consistency(clf, fake.float() / 127.5 - 1, labels_all, dev)
-        predicted = report.get("val_acc_recon_predicted")
+        # the references at the K these samples were decoded with (llamagen's N ids carry no K of their own)
+        ref_k = k if sampler != "llamagen" else tok.cfg.merge.keep
+        ref = references_at(clf, tok, report, ref_k, dev)
+        predicted = ref["val_acc_recon_predicted"]
         result.consistency = {**res_c, "classifier_val_acc_real": report["val_acc_real"],
-                              "classifier_val_acc_recon": report["val_acc_recon"],
-                              "classifier_val_acc_recon_predicted": predicted,
+                              "classifier_val_acc_recon": ref["val_acc_recon"],
+                              "classifier_val_acc_recon_predicted": predicted, "reference_tokens": ref_k,
                               # what a perfect generator of this sampler could score: randar decodes with the
                               # predicted source, the raster samplers with the true one
-                              "ceiling": predicted if sampler == "randar" else report["val_acc_recon"]}
+                              "ceiling": predicted if sampler == "randar" else ref["val_acc_recon"]}
     (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
     return result
 

@@ -117,6 +117,12 @@ def test_gfid_is_and_consistency(pipeline, tmp_path, inception_stand_in, monkeyp
     assert again.consistency["classifier_val_acc_real"] == c["classifier_val_acc_real"]
     rand = run(pipeline, "randar", tmp_path / "r", fid=None, with_consistency=True).consistency
     assert rand["ceiling"] == c["classifier_val_acc_recon_predicted"]  # randar decodes with the predicted source
+    assert rand["reference_tokens"] == c["reference_tokens"] == 16  # the test tokenizer's K
+    # samples decoded at another K are compared with reconstructions at that K, measured once and cached
+    r49 = run(pipeline, "randar", tmp_path / "r49", fid=None, with_consistency=True, tokens=49).consistency
+    assert r49["reference_tokens"] == 49 and r49["ceiling"] == r49["classifier_val_acc_recon_predicted"]
+    cached = json.loads(next((tmp_path / "clf").glob("*/meta.json")).read_text())
+    assert cached["at_tokens"]["49"]["val_acc_recon_predicted"] == r49["ceiling"] and "folder" not in cached
 
 
 def test_fid_statistics_file(pipeline, tmp_path, inception_stand_in):

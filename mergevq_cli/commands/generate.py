@@ -107,6 +107,6 @@ def generate(
         pred = c.get("classifier_val_acc_recon_predicted")
         pred_txt = f", {pred:.3f} with the predicted source" if pred is not None else ""
         rows.append(("class consistency", f"{c['consistency']:.3f} (classifier: {c['classifier_val_acc_real']:.3f} on real, "
-                                          f"{c['classifier_val_acc_recon']:.3f} on reconstructions{pred_txt}; "
+                                          f"{c['classifier_val_acc_recon']:.3f} on reconstructions at K = {c['reference_tokens']}{pred_txt}; "
                                           f"ceiling for {res.sampler} {c['ceiling']:.3f})"))
     console.kv(f"generate ({res.sampler})", rows)

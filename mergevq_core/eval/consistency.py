@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import DataError
 from ..fileio import write_atomic
 
-__all__ = ["SmallCNN", "classifier_for", "consistency"]
+__all__ = ["SmallCNN", "classifier_for", "consistency", "references_at"]
 
 CLASSIFIER_DIR = Path("runs") / "classifiers"
 PREDICTED_ASSIGN = "canonical"  # how val_acc_recon_predicted decoded: tokenizer.predict_assign(constrained=True)
@@ -116,8 +116,9 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
                 xv, yv = _labelled_images(data, size, 1000, "val")
                 meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, xv, yv, k, device)
                 meta["predicted_assign"] = PREDICTED_ASSIGN
+                meta.pop("at_tokens", None)
                 write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
-            return model.eval(), meta
+            return model.eval(), {**meta, "folder": str(folder)}
     note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
     t0 = time.perf_counter()
     x_real, y = _labelled_images(data, size, train_count, "train")
@@ -151,7 +152,28 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))
     write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
-    return model.eval(), meta
+    return model.eval(), {**meta, "folder": str(folder)}
+
+
+def references_at(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, device: torch.device) -> dict[str, Any]:
+    """The classifier's accuracy on held-out reconstructions at K = k, with the true and the predicted source: the
+    ceilings for samples decoded at that K. The classifier's own K comes from its report; another K is measured
+    once on the same 1,000 held-out images and cached in its meta.json under `at_tokens` (`meta` as
+    `classifier_for` returns it, with its folder)."""
+    if k == meta.get("tokens"):
+        return {key: meta.get(key) for key in ("val_acc_recon", "val_acc_recon_predicted")}
+    cached = meta.get("at_tokens", {}).get(str(k))
+    if cached is not None:
+        return cached
+    xv, yv = _labelled_images(meta["data"], meta["size"], 1000, "val")
+    ref = {"val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
+           "val_acc_recon_predicted": _predicted_source_acc(model, tok, xv, yv, k, device)}
+    meta.setdefault("at_tokens", {})[str(k)] = ref
+    folder = Path(meta["folder"]) if meta.get("folder") else None
+    if folder is not None and (folder / "meta.json").is_file():
+        on_disk = {key: v for key, v in meta.items() if key != "folder"}
+        write_atomic(folder / "meta.json", json.dumps(on_disk, indent=2).encode())
+    return ref
 
 
 def consistency(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> dict[str, Any]:
