@@ -91,6 +91,11 @@ def _predicted_source_acc(model: nn.Module, tok: Any, xv: Tensor, yv: Tensor, k:
     return _accuracy(model, _reconstruct(tok, xv, k, device, predicted=True), yv, device)
 
 
+def _save_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """The classifier's meta.json, written atomically; the in-memory `folder` entry stays out of it."""
+    write_atomic(folder / "meta.json", json.dumps({k: v for k, v in meta.items() if k != "folder"}, indent=2).encode())
+
+
 def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> float:
     model.eval()
     with torch.no_grad():
@@ -117,7 +122,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
                 meta["val_acc_recon_predicted"] = _predicted_source_acc(model, tok, xv, yv, k, device)
                 meta["predicted_assign"] = PREDICTED_ASSIGN
                 meta.pop("at_tokens", None)
-                write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
+                _save_meta(folder, meta)
             return model.eval(), {**meta, "folder": str(folder)}
     note(f"training a {num_classes}-class consistency classifier on {train_count} real + reconstructed images ({key})")
     t0 = time.perf_counter()
@@ -151,7 +156,7 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
             "train_s": time.perf_counter() - t0}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "classifier.safetensors", save({k_: v.detach().cpu().contiguous() for k_, v in model.state_dict().items()}))
-    write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
+    _save_meta(folder, meta)
     return model.eval(), {**meta, "folder": str(folder)}
 
 
@@ -169,10 +174,8 @@ def references_at(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, devi
     ref = {"val_acc_recon": _accuracy(model, _reconstruct(tok, xv, k, device), yv, device),
            "val_acc_recon_predicted": _predicted_source_acc(model, tok, xv, yv, k, device)}
     meta.setdefault("at_tokens", {})[str(k)] = ref
-    folder = Path(meta["folder"]) if meta.get("folder") else None
-    if folder is not None and (folder / "meta.json").is_file():
-        on_disk = {key: v for key, v in meta.items() if key != "folder"}
-        write_atomic(folder / "meta.json", json.dumps(on_disk, indent=2).encode())
+    if meta.get("folder"):
+        _save_meta(Path(meta["folder"]), meta)
     return ref
 
 
