@@ -83,3 +83,56 @@ class TrainProgress:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+class BarProgress:
+    """A `mergevq_core.progress.Progress` drawn as a rich bar: one bar per stage, `rate_key` of `advance` fields
+    shown as throughput in `unit`, `terms` (loss names) shown after it, notes printed above the bar. Silent with
+    `quiet` (--json) and on ranks other than 0."""
+
+    def __init__(self, unit: str = "img/s", terms: tuple[str, ...] = (), quiet: bool = False) -> None:
+        self.unit, self.terms, self.quiet = unit, terms, quiet
+        self.bar: TrainProgress | None = None
+
+    def start(self, stage: str, total: int, done: int = 0, **info: Any) -> None:
+        if self.quiet:
+            return
+        self.stop()
+        self.bar = TrainProgress(self.unit, self.terms)
+        self.bar.start(stage, total, done)
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        bar = self.bar
+        if bar is None or bar.task is None:
+            return
+        if fields.get("rate") is not None:
+            bar.throughput(float(fields["rate"]))
+        if "step" in fields:
+            bar.step(int(fields["step"]), fields)
+        else:
+            bar.progress.update(bar.task, advance=n, rate=bar.rate)
+
+    def note(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.note(message)
+        elif is_main_process():
+            out.print(message, highlight=False)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Training rows: the throughput of a log interval updates the bar."""
+        for key in ("img_per_s", "tok_per_s"):
+            if self.bar is not None and key in row:
+                self.bar.throughput(float(row[key]))
+
+    def stop(self) -> None:
+        if self.bar is not None and self.bar.task is not None:
+            self.bar.stop()
+        self.bar = None
+
+    def __enter__(self) -> "BarProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -20,4 +20,38 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed (overrides train.seed).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides train.max_steps).")]
+TokenizerOpt = Annotated[
+    Optional[Path], typer.Option("--ckpt", help="Tokenizer run or checkpoint folder (default: the newest tokenizer run).")
+]
+RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs (>= 10).")]
+BenchOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the benchmark's JSON (and plot).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the newest run of this recipe) from its last checkpoint.")]
+
+
+# ----------------------------------------------------------------------------- comma-separated values
+
+
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """`64,100,144` → [64, 100, 144] (None stays None); a bad entry names the option."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected an integer or a comma-separated list like 64,100,144, got {text!r}") from None
+
+
+def float_list(text: str, option: str) -> list[float]:
+    """`0,0.44,0.75` → [0.0, 0.44, 0.75]; a bad entry names the option."""
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected a number or a comma-separated list like 0.5,0.75, got {text!r}") from None
+
+
+def per_sub_token(text: str, option: str) -> float | tuple[float, ...]:
+    """One number, or one per sub-token (`1.9,2.0`) as a tuple."""
+    values = tuple(float_list(text, option))
+    if not values:
+        raise typer.BadParameter(f"{option}: expected a number or one per sub-token like 1.9,2.0, got {text!r}")
+    return values[0] if len(values) == 1 else values

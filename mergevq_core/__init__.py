@@ -7,13 +7,14 @@ from typing import Any
 from .config import RunConfig, config_to_dict, load_config
 from .errors import CheckpointError, ConfigError, DataError, MergeVQError
 
-_LAZY = {
+_LAZY = {  # the commands' entry points live in `mergevq_core.api`, the top of the core
     "build_tokenizer": "mergevq_core.models",
     "MergeVQTokenizer": "mergevq_core.models",
     "Encoded": "mergevq_core.models",
     "LFQ": "mergevq_core.quant",
-    "model_info": "mergevq_core.api",
-    "train_tokenizer": "mergevq_core.api",
+    "build_generator": "mergevq_core.generators",
+    "load_tokenizer": "mergevq_core.runs",
+    "load_generator": "mergevq_core.runs",
 }
 
 __all__ = [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import DataError
 
 TMP_PREFIX = "."  # temporaries are hidden: ".<name>.<random>.tmp"
 TMP_SUFFIX = ".tmp"
@@ -41,3 +44,15 @@ def write_atomic(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in `chunk_size` pieces (never whole into memory)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                h.update(chunk)
+    except OSError as e:
+        raise DataError(f"cannot read {path} to hash it: {e.strerror or e}") from e
+    return h.hexdigest()

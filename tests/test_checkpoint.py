@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mergevq_core.errors import CheckpointError
-from mergevq_core.train import checkpoint as ck
+from mergevq_core import checkpoint as ck
 
 
 def _save(run, step, value=1.0, **kw):

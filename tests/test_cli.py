@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mergevq_cli.app import app
+from mergevq_core.config import load_config
+from mergevq_core.models import build_tokenizer
 
 from .conftest import ROOT
 
@@ -39,8 +41,12 @@ def test_info_json_has_the_documented_keys():
     res = runner.invoke(app, ["info", str(ROOT / "recipes" / "tiny.yaml"), "--json"])
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout)
-    for key in ("encoder", "decoder", "source_recovery", "align_head", "total"):
-        assert obj["params"][key] >= 0
+    # the parts add up to the whole, and the whole is what the recipe's tokenizer really holds
+    parts = ("encoder", "decoder", "source_recovery", "align_head")
+    assert sum(obj["params"][key] for key in parts) == obj["params"]["total"]
+    tok = build_tokenizer(load_config(ROOT / "recipes" / "tiny.yaml"))
+    assert obj["params"]["total"] == sum(p.numel() for p in tok.parameters())
+    assert obj["params"]["decoder"] == sum(p.numel() for p in tok.decoder.parameters())
     assert set(obj["gmacs"]) >= {"encoder", "decoder"}
     assert obj["tokens"]["N"] == 64 and obj["tokens"]["K"] == 36
     assert sum(obj["schedule"]) == 64 - 36 and obj["codebook_size"] == 2**16

@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from mergevq_core import api
-from mergevq_core.errors import CheckpointError, ConfigError
+from mergevq_core.errors import CheckpointError, ConfigError, DataError
 from mergevq_core.generation import generate_images
 from mergevq_core.generators import SamplingSettings
 
 from .conftest import ROOT
 
 GENS = ("llamagen", "mergear", "randar")
+JSON_KEYS = {"ar_s", "ckpt", "classes", "consistency", "decode_s", "fid", "forward_passes_per_batch", "grid", "images",
+             "images_per_s", "inception_score", "n_per_class", "npz", "sampler", "settings", "tokenizer", "tokens",
+             "tokens_per_s", "wall_s"}
 AR_FAST = ("model.depth=1", "model.dim=32", "model.heads=4", "model.vocab_size=null", "model.n_tokens=null",
            "model.num_classes=null", "train.batch_size=16", "train.micro_batch=16", "train.eval_every=1000",
            "train.ckpt_every=1000", "data.val_items=16")
@@ -29,7 +32,7 @@ def pipeline(tiny_tokenizer_run, tmp_path_factory):
     api.tokenize("shapes", root / "tokens", ckpt=tiny_tokenizer_run, tokens_sample=True, limit=96, device="cpu",
                  batch=48, shard_size=48)
     for g in GENS:
-        api.train_ar(ROOT / "recipes/ar/tiny.yaml", AR_FAST, tokens=root / "tokens", generator=g,
+        api.train_ar(ROOT / "recipes/ar/tiny.yaml", AR_FAST, shards=root / "tokens", generator=g,
                      out=root / "runs" / f"tiny-{g}", max_steps=2, device="cpu")
     return root
 
@@ -52,11 +55,22 @@ def test_each_sampler_writes_grid_images_and_npz(pipeline, tmp_path, sampler):
 
     assert Image.open(res.grid).size == (3 * (2 * 34 + 2),) * 2  # 2 classes × 2 samples of 32 px, 2 px gaps, ×3 to view
     obj = res.to_json()
-    for key in ("ckpt", "sampler", "images", "grid", "wall_s", "tokens_per_s"):
-        assert key in obj
-    assert obj["tokens_per_s"] > 0 and obj["sampler"] == sampler
+    mergear_keys = {"peak_cache_slots", "plain_cache_slots", "distinct_ids", "distinct_ids_min", "distinct_ids_max",
+                    "window"}
+    assert set(obj) == JSON_KEYS | (mergear_keys if sampler == "mergear" else set())
+    assert obj["sampler"] == sampler
+    # tokens/s counts the image tokens each sampler decodes (N raster ids, K randar ids) over the AR time alone
+    seq = obj["tokens"] if sampler == "randar" else 64
+    assert obj["tokens_per_s"] == pytest.approx(4 * seq / obj["ar_s"]) and obj["wall_s"] > obj["ar_s"] + obj["decode_s"]
+    from mergevq_core.generators import default_steps
+
+    steps = default_steps(obj["tokens"]) if sampler == "randar" else None
+    assert obj["settings"]["steps"] == steps
+    assert obj["forward_passes_per_batch"] == (steps if sampler == "randar" else 64)  # batches of 3 and 1 images
     if sampler == "mergear":
-        assert 0 < obj["peak_cache_slots"] <= obj["plain_cache_slots"] and obj["distinct_ids"] >= 1
+        assert obj["plain_cache_slots"] == 2 + 64 - 1 and obj["window"] == 8 + 1  # the grid side + 1
+        assert 1 + obj["distinct_ids_max"] <= obj["peak_cache_slots"] <= 2 + obj["window"] + obj["distinct_ids_max"]
+        assert obj["distinct_ids_min"] <= obj["distinct_ids"] <= obj["distinct_ids_max"]
     assert json.loads((tmp_path / sampler / "result.json").read_text())["sampler"] == sampler
 
 
@@ -98,21 +112,46 @@ def test_bad_input_is_one_line(pipeline, tiny_tokenizer_run, extra, needle):
     assert res.returncode != 0 and len(lines) == 1 and needle in lines[0], res.stderr
 
 
-def test_gfid_is_and_consistency(pipeline, tmp_path, inception_stand_in, monkeypatch):
+def test_gfid_is_and_consistency(pipeline, tiny_tokenizer_run, tmp_path, inception_stand_in, monkeypatch):
     from mergevq_core.eval import consistency as cons
+    from mergevq_core.eval.gen_metrics import gfid, inception_score
+    from mergevq_core.runs import load_tokenizer
 
-    real = cons.classifier_for  # a quick classifier: the cached-classifier path is what is tested here
-    monkeypatch.setattr(cons, "classifier_for",
-                        lambda *a, **k: real(*a, **{**k, "train_count": 128, "epochs": 1, "root": tmp_path / "clf"}))
+    real, made = cons.classifier_for, []  # a quick classifier: the cached-classifier path is what is tested here
+
+    def quick(*a, **k):
+        made.append(real(*a, **{**k, "train_count": 128, "epochs": 1, "root": tmp_path / "clf"}))
+        return made[-1]
+
+    monkeypatch.setattr(cons, "classifier_for", quick)
     res = run(pipeline, "mergear", tmp_path, fid="shapes", inception_weights=inception_stand_in, with_consistency=True)
-    assert np.isfinite(res.fid["fid"]) and res.fid["fid"] >= 0 and res.fid["reference_images"] == 4
-    assert res.inception_score["available"] and res.inception_score["mean"] >= 1.0
+    with np.load(res.npz) as z:
+        images, labels = torch.from_numpy(z["images"]).permute(0, 3, 1, 2), torch.from_numpy(z["labels"])
+    cpu = torch.device("cpu")
+    # the metrics are those of the saved samples
+    assert res.fid == pytest.approx(gfid(images, "shapes", inception_stand_in, cpu, 0)) and res.fid["reference_images"] == 4
+    assert res.inception_score == pytest.approx(inception_score(images, inception_stand_in, cpu))
     c = res.consistency
-    assert 0 <= c["consistency"] <= 1 and set(c["per_class"]) == {"0", "3"} and c["samples"] == 4
-    assert 0 <= c["classifier_val_acc_real"] <= 1
+    clf, report = made[0]
+    with torch.no_grad():
+        hit = (clf(images.float() / 127.5 - 1).argmax(1) == labels).float()
+    assert c["consistency"] == pytest.approx(float(hit.mean())) and c["samples"] == 4
+    assert c["per_class"] == pytest.approx({"0": float(hit[:2].mean()), "3": float(hit[2:].mean())})
+    # the classifier's accuracies, recomputed on its 1,000 held-out images and their reconstructions at K = 16
+    xv, yv = cons._labelled_images(report["data"], 32, 1000, "val")
+    tok, _ = load_tokenizer(tiny_tokenizer_run, "cpu")
+    with torch.no_grad():
+        acc = lambda x: float((torch.cat([clf(x[i:i + 250]) for i in range(0, 1000, 250)]).argmax(1) == yv).float().mean())
+        assert c["classifier_val_acc_real"] == pytest.approx(acc(xv))
+        recon, predicted = [], []
+        for i in range(0, 1000, 250):
+            enc = tok.encode(xv[i:i + 250], tokens=16)
+            recon.append(tok.decode_codes(enc.quantized, enc.assign).clamp(-1, 1))
+            predicted.append(tok.decode(enc.ids, tok.predict_assign(enc.ids)).clamp(-1, 1))
+        assert c["classifier_val_acc_recon"] == pytest.approx(acc(torch.cat(recon)), abs=2e-3)
+        assert c["classifier_val_acc_recon_predicted"] == pytest.approx(acc(torch.cat(predicted)), abs=2e-3)
     assert len(list((tmp_path / "clf").glob("*/classifier.safetensors"))) == 1
     assert c["ceiling"] == c["classifier_val_acc_recon"]  # mergear decodes with the true (Position Cache) source
-    assert 0 <= c["classifier_val_acc_recon_predicted"] <= 1  # the tiny tokenizer has a source recovery model
     again = run(pipeline, "mergear", tmp_path / "again", fid=None, with_consistency=True)  # cached: loads, no training
     assert again.consistency["classifier_val_acc_real"] == c["classifier_val_acc_real"]
     rand = run(pipeline, "randar", tmp_path / "r", fid=None, with_consistency=True).consistency
@@ -134,11 +173,11 @@ def test_fid_statistics_file(pipeline, tmp_path, inception_stand_in):
     by_stats = gfid(fake, str(stats), inception_stand_in, torch.device("cpu"))["fid"]
     by_images = gfid(fake, "shapes", inception_stand_in, torch.device("cpu"))["fid"]
     assert by_stats == pytest.approx(by_images, rel=1e-6)
-    with pytest.raises(Exception, match="mu"):
-        np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(DataError, match="must hold arrays 'mu'"):
         gfid(fake, str(tmp_path / "bad.npz"), inception_stand_in, torch.device("cpu"))
 
 
 def test_config_errors_without_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="at least one --class"):
-        generate_images([], 1, "mergear", None, SamplingSettings(), device="cpu")
+        generate_images([], 1, "mergear", settings=SamplingSettings(), device="cpu")

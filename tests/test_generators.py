@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergevq_core.errors import ConfigError
 from mergevq_core.generators import (
-    SamplingSettings, analytic_peak_slots, build_generator, filter_logits, first_occurrence, group_by_id,
-    mergear_mask, randar_schedule, sample_from,
+    GENERATORS, SamplingSettings, analytic_peak_slots, build_generator, default_steps, filter_logits,
+    first_occurrence, group_by_id, mergear_mask, plain_peak_slots, randar_schedule, sample_from,
 )
 from mergevq_core.models.gpt import gpt_tiny
 
@@ -108,8 +109,8 @@ def test_mergear_with_full_window_equals_plain_decoding(guided):
 def test_same_seed_same_samples_and_generate_outputs():
     g = make("mergear", window=5)
     pick = lambda: SamplingSettings(temperature=1.0).picker(N, torch.Generator().manual_seed(1))
-    a = g.generate(torch.tensor([1, 2]), k=9, pick=pick())
-    b = g.generate(torch.tensor([1, 2]), k=9, pick=pick())
+    a = g.sample(torch.tensor([1, 2]), 9, pick())
+    b = g.sample(torch.tensor([1, 2]), 9, pick())
     assert torch.equal(a.ids, b.ids) and torch.equal(a.assign, b.assign)
     assert a.assign.shape == (2, N) and bool((a.assign < a.k[:, None]).all())
     assert a.stats["peak_live_slots"] <= 2 + 5 + max(a.stats["distinct_ids"])
@@ -162,8 +163,8 @@ def test_randar_padding_and_parallel_schedule():
         a, _ = g.teacher_logits(ids, k, torch.tensor([0, 1]), order)
         b, _ = g.teacher_logits(ids2, k, torch.tensor([0, 1]), order)
     torch.testing.assert_close(a[0], b[0])
-    res = g.generate(torch.tensor([1, 2, 3]), k=16, pick=SamplingSettings().picker(16, torch.Generator().manual_seed(0)),
-                     steps=6, generator=torch.Generator().manual_seed(0))
+    res = g.sample(torch.tensor([1, 2, 3]), 16, SamplingSettings().picker(16, torch.Generator().manual_seed(0)),
+                   steps=6, generator=torch.Generator().manual_seed(0))
     assert res.ids.shape == (3, 16) and res.assign is None and res.stats["forward_passes"] == 6
     assert sum(res.stats["schedule"]) == 16
 
@@ -217,3 +218,66 @@ def test_fast_forward_reaches_the_step_by_step_cache_state():
         if cache == "sliced":  # the plain cache holds exactly the teacher-forced keys: identical logits
             for t in range(10, N):
                 torch.testing.assert_close(ff_rec[(t, 0)], ref_rec[(t, 0)], atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the one interface
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_sample_through_the_interface(name):
+    """Every generator samples through the same call; what the pipeline derives from it matches the samples."""
+    g = make(name, window=3) if name == "mergear" else make(name)
+    k = g.check_k(9)
+    steps = g.check_steps(None, k)
+    labels = torch.tensor([1, 2, 3])
+    per_batch = []
+    for seed in (0, 1):
+        pick = SamplingSettings(top_k=20).picker(g.seq_len(k), torch.Generator().manual_seed(seed))
+        res = g.sample(labels, k, pick, steps=steps, generator=torch.Generator().manual_seed(seed))
+        per_batch.append(res.stats)
+        assert (res.assign is None) == g.needs_source_recovery
+        if res.assign is not None:  # raster: the source re-expands the merged ids to N raster ids, K of them distinct
+            full = res.ids.gather(1, res.assign)
+            assert res.assign.shape == (3, N) and torch.equal(res.k, (res.ids >= 0).sum(1))
+            assert torch.equal(first_occurrence(full).sum(1), res.k)
+            assert res.stats["distinct_ids"] == res.k.tolist()
+        else:
+            assert res.ids.shape == (3, k) and res.k.tolist() == [k] * 3
+    summary = g.summarize_stats(per_batch)
+    expected_passes = {"llamagen": N, "mergear": N, "randar": default_steps(9)}[name]
+    assert summary["forward_passes_per_batch"] == expected_passes
+    if name == "mergear":
+        distinct = [d for s in per_batch for d in s["distinct_ids"]]
+        assert summary["peak_cache_slots"] == max(s["live_history"].max().item() for s in per_batch)
+        assert summary["plain_cache_slots"] == plain_peak_slots(N, 2) == 2 + N - 1
+        assert (summary["distinct_ids_min"], summary["distinct_ids_max"]) == (min(distinct), max(distinct))
+        assert summary["distinct_ids"] == pytest.approx(sum(distinct) / 6) and summary["window"] == 3
+    else:
+        assert set(summary) == {"forward_passes_per_batch"}
+
+
+def test_interface_answers_what_callers_used_to_ask_by_name():
+    llama, merge, rand = make("llamagen"), make("mergear"), make("randar")
+    assert [g.seq_len(9) for g in (llama, merge, rand)] == [N, N, 9]
+    assert [g.train_sequence_len for g in (llama, merge, rand)] == [N, N + 1, 2 * N]
+    # the sequence each one really trains on
+    batch = {"ids": torch.randint(0, 64, (2, 4)), "k": torch.tensor([4, 3]), "label": torch.tensor([0, 1]),
+             "assign": torch.tensor([[0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2, [0, 0, 1, 1] * 2 + [2, 2, 2, 2] * 2])}
+    batch["ids"][1, 3] = -1
+    assert [g.targets_count(batch) for g in (llama, merge, rand)] == [2 * N, 2 * N, 7]
+    for g in (llama, merge):
+        _, targets = g.training_logits(batch)
+        assert targets.numel() == g.targets_count(batch)
+    _, targets = rand.training_logits(batch, torch.Generator().manual_seed(0))
+    assert int((targets != -100).sum()) == rand.targets_count(batch)
+    # K: mergear and randar are told K (a square up to N), llamagen only reports it
+    assert merge.check_k(None) == rand.check_k(None) == llama.check_k(None) == N
+    assert llama.check_k(10) == 10 and llama.reference_k(10, 4) == 4 and merge.reference_k(9, 4) == 9
+    for g in (merge, rand):
+        for bad in (0, 10, 25):
+            with pytest.raises(ConfigError, match=f"^--tokens {bad}: K must be a perfect square up to N={N}$"):
+                g.check_k(bad)
+    # steps: randar's default and range; the raster generators ignore them
+    assert rand.check_steps(None, 9) == default_steps(9) and rand.check_steps(9, 9) == 9
+    with pytest.raises(ConfigError, match=r"^--steps 10: randar decodes K=9 tokens in 1\.\.9 steps$"):
+        rand.check_steps(10, 9)
+    assert llama.check_steps(None, 9) is None and merge.check_steps(50, 9) == 50
+    assert [g.needs_source_recovery for g in (llama, merge, rand)] == [False, False, True]

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from mergevq_core.models.gpt import GPT, GPTConfig, KVCache, gpt_l, gpt_tiny
+from mergevq_core.models.gpt import GPT, GPTConfig, gpt_l, gpt_tiny
+from mergevq_core.models.kv_cache import KVCache
 from mergevq_core.nn.rope import apply_rope, grid_positions, rope_2d
 
 N = 16  # 4 x 4 grid

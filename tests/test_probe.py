@@ -33,13 +33,17 @@ def test_probe_head_is_parameter_free_bn_plus_linear():
 
 
 def test_probe_command_json(tiny_tokenizer_run, tmp_path):
-    res = api.probe("shapes", tiny_tokenizer_run, "16", epochs=2, n_train=40, n_test=20, out=tmp_path, device="cpu")
+    res = api.probe("shapes", ckpt=tiny_tokenizer_run, tokens="16", epochs=2, n_train=40, n_test=20, out=tmp_path, device="cpu")
     d = res.to_json()
     for key in ("top1", "baseline_top1", "tokens", "n_train", "n_test"):
         assert key in d
-    assert d["tokens"] == 16 and d["n_train"] == 40 and d["n_test"] == 20 and 0 <= d["top1"] <= 1
+    assert d["tokens"] == 16 and d["n_train"] == 40 and d["n_test"] == 20
+    # the shapes test split holds two images of each of the 10 classes, so top-1 is the mean per-class accuracy
+    assert set(d["per_class"]) == set(d["classes"]) and len(d["classes"]) == 10
+    assert d["top1"] == pytest.approx(sum(d["per_class"].values()) / 10)
+    assert all(v in (0.0, 0.5, 1.0) for v in d["per_class"].values())
     assert (tmp_path / "confusion_shapes_k16.png").is_file()
     with pytest.raises(ConfigError, match="perfect square"):
-        api.probe("shapes", tiny_tokenizer_run, "15", epochs=1, n_train=4, n_test=2, out=tmp_path, device="cpu")
+        api.probe("shapes", ckpt=tiny_tokenizer_run, tokens="15", epochs=1, n_train=4, n_test=2, out=tmp_path, device="cpu")
     with pytest.raises(DataError, match="no such folder"):
         labelled_split("/nonexistent", 32, 4, 2)

@@ -6,6 +6,7 @@ import pytest
 
 from mergevq_core.api import model_info
 from mergevq_core.config import ARRunConfig, load_any_config
+from mergevq_core.models.gpt import gpt_config_from_recipe
 
 from .conftest import ROOT, TOKENIZER_RECIPES
 
@@ -17,7 +18,7 @@ def test_every_recipe_loads(recipe):
     cfg = load_any_config(recipe)
     if isinstance(cfg, ARRunConfig):
         assert recipe.parent.name == "ar"
-        cfg.gpt_config()  # every AR recipe states its vocabulary, N and classes, so `mergevq info` works
+        gpt_config_from_recipe(cfg.model)  # every AR recipe states its vocabulary, N and classes, so `mergevq info` works
     else:
         assert cfg.merge.keep <= cfg.model.n_tokens
 

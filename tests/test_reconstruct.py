@@ -130,7 +130,7 @@ def test_tokenize_resumes_and_refuses_another_tokenizer(run, tmp_path, monkeypat
     with pytest.raises(DataError, match="incomplete"):
         codes.TokenShards(tmp_path / "part")
     again = api.tokenize("shapes", tmp_path / "part", ckpt=run, tokens_sample=True, limit=10, device="cpu", shard_size=4)
-    assert again["skipped_shards"] == 1 and again["encoded"] == 10 - 4 and full["encoded"] == 10
+    assert again.skipped_shards == 1 and again.encoded == 10 - 4 and full.encoded == 10
     a, b = codes.TokenShards(tmp_path / "full"), codes.TokenShards(tmp_path / "part")
     for i in range(10):
         assert all(torch.equal(torch.as_tensor(a[i][key]), torch.as_tensor(b[i][key])) for key in ("ids", "assign", "k", "label"))

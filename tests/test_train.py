@@ -14,7 +14,7 @@ import pytest
 
 from mergevq_core.api import train_tokenizer
 from mergevq_core.errors import ConfigError
-from mergevq_core.train.checkpoint import latest_checkpoint, read_meta
+from mergevq_core.checkpoint import latest_checkpoint, read_meta
 
 from .conftest import FAST_TRAIN, ROOT, set_args
 
@@ -105,7 +105,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     import torch
 
     from mergevq_core.train import tokenizer_step
-    from mergevq_core.train.tokenizer_loop import TrainingDiverged
+    from mergevq_core.train.loop import TrainingDiverged
 
     calls = {"n": 0}
     real = tokenizer_step.recon_loss

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from mergevq_core.api import train_ar
 from mergevq_core.data.codes import ShardWriter
 from mergevq_core.errors import ConfigError, MergeVQError
-from mergevq_core.train.checkpoint import latest_checkpoint, read_meta
+from mergevq_core.checkpoint import latest_checkpoint, read_meta
 
 from .conftest import ROOT, set_args
 
@@ -133,7 +134,7 @@ def test_torchrun_two_processes_gloo(tmp_path, shards):
 
 @pytest.mark.parametrize("extra, needle", [
     (("--set", "model.vocab_size=128"), "model.vocab_size=128 but the shards have 64"),
-    (("--tokens", "/nonexistent/shards"), "token shards not found"),
+    (("--shards", "/nonexistent/shards"), "token shards not found"),
     (("--generator", "maskgit"), "generator.name='maskgit'"),
 ])
 def test_bad_input_is_one_line(tmp_path, shards, extra, needle):
@@ -143,15 +144,31 @@ def test_bad_input_is_one_line(tmp_path, shards, extra, needle):
     assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], err
 
 
+def test_tokens_is_the_deprecated_name_of_shards(tmp_path, shards):
+    base = ["train-ar", "recipes/ar/tiny.yaml", "--out", str(tmp_path / "x"), "--device", "cpu"]
+    p = cli(*base, "--tokens", "/nonexistent/shards")
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 2, err
+    assert lines[0] == "--tokens DIR is deprecated for train-ar: use --shards DIR"
+    assert "token shards not found: /nonexistent/shards" in lines[1]
+    p = cli(*base, "--shards", str(shards), "--tokens", str(shards))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "--shards and --tokens both given" in err and "deprecated for" not in err, err
+    p = cli("train-ar", "--help")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "--shards" in out and not re.search(r"--tokens(?![-\w])", out)  # hidden
+
+
 def test_recipe_kinds_do_not_mix(tmp_path, shards):
     with pytest.raises(ConfigError, match="tokenizer recipe"):
-        train_ar(ROOT / "recipes/tiny.yaml", (), tokens=shards, out=tmp_path / "a", device="cpu")
+        train_ar(ROOT / "recipes/tiny.yaml", (), shards=shards, out=tmp_path / "a", device="cpu")
     from mergevq_core.api import train_tokenizer
 
     with pytest.raises(ConfigError, match="kind: ar"):
         train_tokenizer(ROOT / "recipes/ar/tiny.yaml", (), out=tmp_path / "b", device="cpu")
     train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="llamagen", out=tmp_path / "c", max_steps=1, device="cpu")
-    with pytest.raises(MergeVQError, match="llamagen checkpoint, not mergear"):
+    with pytest.raises(MergeVQError, match="holds a llamagen generator, not mergear"):
         train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "c", resume=True,
                  max_steps=2, device="cpu")
 

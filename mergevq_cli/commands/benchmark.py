@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt
+from ..options import BenchOutOpt, DeviceOpt, JsonOpt, RunsOpt, TokenizerOpt, float_list, int_list
 
 EXAMPLES = """
 Examples:
@@ -23,6 +23,8 @@ Examples:
   mergevq benchmark tokenizer --recipe recipes/gr.yaml --tokens 144,256 --batch 2
 
   mergevq benchmark ar --recipe recipes/ar/tiny.yaml --batch 16
+
+  mergevq benchmark lfq --chunk 128,4096                            # exact 2^18 codebook entropy, fwd + bwd
 """
 
 app = typer.Typer(help="Speed and memory benchmarks (tables, --json, PNG plots).", no_args_is_help=True,
@@ -37,18 +39,19 @@ def _write(out: Path, name: str, env: dict, rows: list) -> None:
     (out / name).write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what}: expected comma-separated integers, got {text!r}") from None
+def _save_and_json(out: Path, name: str, env: dict, rows: list, json_: bool) -> bool:
+    """Save the rows as out/name and, with --json, print them: True when that was the command's whole output."""
+    _write(out, name, env, rows)
+    if json_:
+        console.print_json(rows)
+    return json_
 
 
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what}: expected comma-separated numbers, got {text!r}") from None
+def _check_runs(runs: int) -> None:
+    from mergevq_core.errors import ConfigError
+
+    if runs < 10:
+        raise ConfigError("--runs must be >= 10")
 
 
 @app.command("kv-cache", epilog=EXAMPLES)
@@ -60,10 +63,10 @@ def kv_cache(
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained MergeAR run instead of random weights (its own samples, realised ρ).")] = None,
     window: Annotated[Optional[int], typer.Option("--window", help="MergeAR window w (default: grid side + 1).")] = None,
     cfg: Annotated[bool, typer.Option("--cfg", help="Classifier-free guidance: two rows per image.")] = False,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs per row (>= 10).")] = 10,
+    runs: RunsOpt = 10,
     warmups: Annotated[int, typer.Option("--warmups", help="Warm-up runs per row (>= 3).")] = 3,
     segment: Annotated[int, typer.Option("--segment", help="Tokens per timed run at stratified positions; 0 = whole generations.")] = 16,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for kv_cache.png and kv_cache.json.")] = Path("bench"),
+    out: BenchOutOpt = Path("bench"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -74,7 +77,7 @@ def kv_cache(
     from mergevq_core.bench.kvcache import bench_kv_cache, plot_kv
     from mergevq_core.errors import ConfigError
 
-    ns, bs, rhos = _ints(n, "--n"), _ints(batch, "--batch"), _floats(redundancy, "--redundancy")
+    ns, bs, rhos = int_list(n, "--n"), int_list(batch, "--batch"), float_list(redundancy, "--redundancy")
     if not ns or not bs or not rhos or min(bs) < 1 or any(not 0 <= r < 1 for r in rhos):
         raise ConfigError("--n, --batch and --redundancy need values: batch >= 1, 0 <= ρ < 1")
     if runs < 10 or warmups < 3:
@@ -87,7 +90,8 @@ def kv_cache(
                               f"peak KV {r.kv_bytes_peak / 2**20:.2f} MiB{extra}", highlight=False)
 
     try:
-        rows, env = bench_kv_cache(ns, bs, rhos, model, device, runs, warmups, segment, window, cfg, ckpt, seed, on_row)
+        rows, env = bench_kv_cache(ns, bs, rhos, model=model, device=device, runs=runs, warmups=warmups, segment=segment,
+                                   window=window, cfg=cfg, ckpt=ckpt, seed=seed, on_row=on_row)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _write(out, "kv_cache.json", env, [r.to_json() for r in rows])
@@ -111,25 +115,22 @@ def kv_cache(
 
 @app.command("tokenizer", epilog=EXAMPLES)
 def tokenizer(
-    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Tokenizer run (default: the newest).")] = None,
+    ckpt: TokenizerOpt = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="A tokenizer recipe with random weights instead of a run.")] = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", "-k", help="K values, comma-separated (default: the recipe's evaluation list).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 16,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs (>= 10).")] = 10,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tokenizer.json.")] = Path("bench"),
+    runs: RunsOpt = 10,
+    out: BenchOutOpt = Path("bench"),
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Encode and decode images/s at several K, with the GMACs of each."""
     from mergevq_core.bench.models import bench_tokenizer
-    from mergevq_core.errors import ConfigError
 
-    if runs < 10:
-        raise ConfigError("--runs must be >= 10")
-    rows, env = bench_tokenizer(ckpt, recipe, _ints(tokens, "--tokens") if tokens else None, batch, runs, 3, device)
-    _write(out, "tokenizer.json", env, rows)
-    if json_:
-        console.print_json(rows)
+    _check_runs(runs)
+    rows, env = bench_tokenizer(ckpt=ckpt, recipe=recipe, tokens=int_list(tokens, "--tokens") or None, batch=batch,
+                                runs=runs, warmups=3, device=device)
+    if _save_and_json(out, "tokenizer.json", env, rows, json_):
         return
     console.table(f"tokenizer {env['model']}, {env['image_size']} px, batch {batch}, {env.get('gpu') or 'CPU'}; median of {runs}",
                   ["K", "encode img/s", "decode img/s", "encode GMACs", "decode GMACs"],
@@ -141,23 +142,51 @@ def tokenizer(
 def ar(
     recipe: Annotated[Path, typer.Option("--recipe", help="A generator recipe (kind: ar) giving the model size.")] = Path("recipes/ar/tiny.yaml"),
     batch: Annotated[int, typer.Option("--batch", help="Images per training step and per sampling call.")] = 16,
-    runs: Annotated[int, typer.Option("--runs", help="Timed training steps (>= 10).")] = 10,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for ar.json.")] = Path("bench"),
+    runs: RunsOpt = 10,
+    out: BenchOutOpt = Path("bench"),
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Training and sampling tokens/s of llamagen, mergear and randar at a recipe's size (random weights)."""
     from mergevq_core.bench.models import bench_ar
-    from mergevq_core.errors import ConfigError
 
-    if runs < 10:
-        raise ConfigError("--runs must be >= 10")
-    rows, env = bench_ar(recipe, batch, runs, 3, device)
-    _write(out, "ar.json", env, rows)
-    if json_:
-        console.print_json(rows)
+    _check_runs(runs)
+    rows, env = bench_ar(recipe, batch=batch, runs=runs, warmups=3, device=device)
+    if _save_and_json(out, "ar.json", env, rows, json_):
         return
     console.table(f"generators of {recipe} (N {env['N']}, K {env['K']}), batch {batch}, CFG 2, {env.get('gpu') or 'CPU'}",
                   ["generator", "params M", "train tok/s", "sample tok/s", "sample img/s", "AR steps"],
                   [[r["generator"], f"{r['params'] / 1e6:.2f}", f"{r['train_tokens_per_s']:,.0f}",
                     f"{r['sample_tokens_per_s']:,.0f}", f"{r['sample_images_per_s']:.2f}", str(r["steps"])] for r in rows])
+
+
+@app.command("lfq", epilog=EXAMPLES)
+def lfq(
+    dim: Annotated[int, typer.Option("--dim", help="Code bits D (codebook 2^D; the paper: 18).")] = 18,
+    tokens: Annotated[int, typer.Option("--tokens", "-k", help="Tokens per image.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 2,
+    chunk: Annotated[str, typer.Option("--chunk", help="Codes per accumulation chunk, comma-separated.")] = "128,4096",
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per chunk size.")] = 10,
+    budget: Annotated[float, typer.Option("--budget", help="Seconds one forward + backward may take.")] = 30.0,
+    out: BenchOutOpt = Path("bench"),
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """Time of LFQ's exact codebook entropy (forward + backward) per chunk size, against a budget."""
+    from mergevq_core.bench.lfq import bench_entropy
+    from mergevq_core.errors import ConfigError
+
+    chunks = int_list(chunk, "--chunk") or []
+    if not chunks or min(chunks) < 1 or dim < 1 or tokens < 1 or batch < 1:
+        raise ConfigError("--chunk, --dim, --tokens and --batch need values >= 1")
+    try:
+        rows, env = bench_entropy(dim=dim, batch=batch, tokens=tokens, chunks=tuple(chunks), runs=runs,
+                                  budget_s=budget, device=device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if _save_and_json(out, "lfq.json", env, rows, json_):
+        return
+    console.table(f"LFQ codebook entropy, 2^{dim} codes, ({batch}, {tokens}, {dim}), {env.get('gpu') or 'CPU'}; median of {runs}",
+                  ["chunk", "fwd+bwd s", "p10–p90 s", f"within {budget:g} s"],
+                  [[str(r["chunk"]), f"{r['median_s']:.3f}", f"{r['p10_s']:.3f}–{r['p90_s']:.3f}",
+                    "yes" if r["within_budget"] else "NO"] for r in rows])

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt
+from ..options import DeviceOpt, JsonOpt, per_sub_token
 
 EXAMPLES = """
 Examples:
@@ -23,12 +23,14 @@ Examples:
 """
 
 
-def _floats(text: str, what: str) -> float | tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{what}: expected a number or one per sub-token like 1.9,2.0, got {text!r}") from None
-    return vals[0] if len(vals) == 1 else vals
+class _Bar(console.BarProgress):
+    """The sampling bar (AR tokens/s), headed by one line saying what samples."""
+
+    def start(self, stage: str, total: int, done: int = 0, **info) -> None:
+        extra = f", {info['steps']} steps" if info["steps"] else ""
+        self.note(f"{info['sampler']} {info['ckpt']} (tokenizer {info['tokenizer']}) on {info['device']}: "
+                  f"{total} images, K {info['tokens']}{extra}")
+        super().start(stage, total, done)
 
 
 def generate(
@@ -58,35 +60,19 @@ def generate(
     from mergevq_core.generators import SamplingSettings
 
     try:
-        top_k_v = _floats(top_k, "--top-k")
+        top_k_v = per_sub_token(top_k, "--top-k")
         settings = SamplingSettings(
-            cfg=_floats(cfg, "--cfg"), cfg_schedule=cfg_schedule, temperature=_floats(temperature, "--temperature"),
+            cfg=per_sub_token(cfg, "--cfg"), cfg_schedule=cfg_schedule,
+            temperature=per_sub_token(temperature, "--temperature"),
             top_k=tuple(int(v) for v in top_k_v) if isinstance(top_k_v, tuple) else int(top_k_v),
-            top_p=_floats(top_p, "--top-p"),
+            top_p=per_sub_token(top_p, "--top-p"),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    bar = console.TrainProgress("tok/s", ())
-
-    def on_start(info: dict) -> None:
-        if not json_:
-            extra = f", {info['steps']} steps" if info["steps"] else ""
-            bar.note(f"{info['sampler']} {info['ckpt']} (tokenizer {info['tokenizer']}) on {info['device']}: "
-                     f"{info['total']} images, K {info['tokens']}{extra}")
-            bar.start("sample", info["total"], 0)
-
-    def on_batch(count: int, tok_s: float) -> None:
-        if bar.task is not None:
-            bar.throughput(tok_s)
-            bar.progress.update(bar.task, advance=count, rate=bar.rate)
-
-    try:
-        res = generate_images(class_, n, sampler, ckpt, settings, tokens, steps, seed, batch, out, device, tokenizer,
-                              fid, inception_weights, consistency, on_start, on_batch,
-                              note=(lambda s: None) if json_ else bar.note)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    with _Bar("tok/s", quiet=json_) as bar:
+        res = generate_images(class_, n, sampler, ckpt=ckpt, settings=settings, tokens=tokens, steps=steps, seed=seed,
+                              batch=batch, out=out, device=device, tokenizer=tokenizer, fid=fid,
+                              inception_weights=inception_weights, with_consistency=consistency, progress=bar)
     if json_:
         console.print_json(res.to_json())
         return
@@ -94,7 +80,7 @@ def generate(
             ("grid", res.grid), ("time", f"{res.wall_s:.2f} s: AR {res.ar_s:.2f} s, tokenizer decode {res.decode_s:.2f} s"),
             ("speed", f"{res.tokens_per_s:,.0f} tok/s, {res.images_per_s:.2f} img/s")]
     st = res.stats
-    if res.sampler == "mergear":
+    if "peak_cache_slots" in st:  # a compressed cache (mergear) reports its peak
         rows.append(("KV cache", f"peak {st['peak_cache_slots']} slots vs {st['plain_cache_slots']} for a full cache "
                                  f"(w = {st['window']}); distinct ids {st['distinct_ids']:.1f} "
                                  f"[{st['distinct_ids_min']}, {st['distinct_ids_max']}]"))

@@ -23,11 +23,11 @@ def info(recipe: RecipeArg, tokens: TokensOpt = None, set_: SetOpt = None, json_
     generator recipe (kind: ar) its parameters, vocabulary layout and KV-cache bytes per token."""
     from mergevq_core import api
 
-    res = api.model_info(recipe, tokens, tuple(set_ or ()))
+    res = api.model_info(recipe, tokens=tokens, overrides=tuple(set_ or ()))
     if json_:
         console.print_json(res.to_json())
         return
-    if isinstance(res, api.ARInfo):
+    if res.to_json().get("kind") == "ar":
         _ar_info(res)
         return
     p, g, gf, t = res.params, res.gmacs, res.gmacs_full, res.tokens

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt
+from ..options import DeviceOpt, JsonOpt, TokenizerOpt
 
 EXAMPLES = """
 Examples:
@@ -23,7 +23,7 @@ Examples:
 
 def probe(
     data: Annotated[str, typer.Argument(help="`shapes`, or a folder with one subfolder per class.", show_default=False)],
-    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Tokenizer run or checkpoint (default: the newest run).")] = None,
+    ckpt: TokenizerOpt = None,
     tokens: Annotated[str, typer.Option("--tokens", "-k", help="`all` (no merging) or K merged tokens.")] = "all",
     epochs: Annotated[int, typer.Option("--epochs", help="Probe training epochs (paper: 90).")] = 90,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (cosine schedule).")] = 1e-3,
@@ -37,25 +37,9 @@ def probe(
     """Linear probe (BN + linear, AdamW, cosine) on frozen encoder features; reports top-1 and a pixel baseline."""
     from mergevq_core import api
 
-    bar = console.TrainProgress("img/s", ())
-
-    def on_stage(name: str, total: int) -> None:
-        if not json_:
-            if bar.task is not None:
-                bar.progress.update(bar.task, completed=bar.progress.tasks[0].total)
-                bar.stop()
-                bar.__init__("img/s", ())
-            bar.start(name, total, 0)
-
-    def on_advance(n: int) -> None:
-        if bar.task is not None:
-            bar.progress.update(bar.task, advance=n)
-
-    try:
-        res = api.probe(data, ckpt, tokens, epochs, lr, n_train, n_test, out, seed, device, on_stage, on_advance)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    with console.BarProgress("img/s", quiet=json_) as bar:
+        res = api.probe(data, ckpt=ckpt, tokens=tokens, epochs=epochs, lr=lr, n_train=n_train, n_test=n_test, out=out,
+                        seed=seed, device=device, progress=bar)
     if json_:
         console.print_json(res.to_json())
         return

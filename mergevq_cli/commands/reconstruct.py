@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt
+from ..options import DeviceOpt, JsonOpt, TokenizerOpt, int_list
 
 EXAMPLES = """
 Examples:
@@ -23,18 +23,9 @@ Examples:
 """
 
 
-def _tokens(value: Optional[str]) -> Optional[list[int]]:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise typer.BadParameter(f"{value!r}: expected K or a comma-separated list like 64,100,144") from None
-
-
 def reconstruct(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders.", show_default=False)] = None,
-    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Tokenizer run or checkpoint folder (default: the newest run).")] = None,
+    ckpt: TokenizerOpt = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", "-k", help="K, or a list: 64,100,144 (default: the recipe's merge.keep).")] = None,
     source: Annotated[str, typer.Option("--source", help="gt: the encoder's merge assignment; predicted: from the ids alone.")] = "gt",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("recon"),
@@ -48,23 +39,15 @@ def reconstruct(
     """Reconstruct images at one or several K and report PSNR / SSIM (LPIPS, rFID, codebook usage)."""
     from mergevq_core import api
 
-    bar = console.TrainProgress("img", ())
+    class Bar(console.BarProgress):
+        def start(self, stage: str, total: int, done: int = 0, **info) -> None:
+            self.note(f"tokenizer {info['ckpt']}; {total} images at K = {', '.join(map(str, info['tokens']))}")
+            super().start(stage, total, done)
 
-    def on_start(n: int, ks: list[int], path: Path) -> None:
-        if not json_:
-            bar.note(f"tokenizer {path}; {n} images at K = {', '.join(map(str, ks))}")
-            bar.start("reconstruct", n, 0)
-
-    def on_batch(n: int) -> None:
-        if bar.task is not None:
-            bar.progress.advance(bar.task, n)
-
-    try:
-        res = api.reconstruct(paths or [], ckpt, _tokens(tokens), source, out, fid, inception_weights, photos, device,
-                              batch, on_start, on_batch)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    with Bar("img", quiet=json_) as bar:
+        res = api.reconstruct(paths or [], ckpt=ckpt, tokens=int_list(tokens, "--tokens"), source=source, out=out,
+                              fid=fid, inception_weights=inception_weights, photos=photos, device=device, batch=batch,
+                              progress=bar)
     if json_:
         console.print_json(res.to_json())
         return

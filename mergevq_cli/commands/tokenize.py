@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt
+from ..options import DeviceOpt, JsonOpt, TokenizerOpt
 
 EXAMPLES = """
 Examples:
@@ -24,7 +24,7 @@ Examples:
 def tokenize(
     data: Annotated[str, typer.Argument(help="An image folder (class subfolders give labels), or `shapes` / `photos`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the shards and manifest.json.")],
-    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Tokenizer run or checkpoint folder (default: the newest run).")] = None,
+    ckpt: TokenizerOpt = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", "-k", help="Keep K tokens per image (default: the recipe's merge.keep).")] = None,
     tokens_sample: Annotated[bool, typer.Option("--tokens-sample", help="Draw K per image with the recipe's keep-count sampler.")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Encode only the first N items (shapes: how many to generate, default 10000).")] = None,
@@ -39,33 +39,18 @@ def tokenize(
 
     if tokens is not None and tokens_sample:
         raise typer.BadParameter("use either --tokens or --tokens-sample")
-    bar = console.TrainProgress("img/s", ())
-    state = {"t0": 0.0, "n": 0}
 
-    def on_start(total: int, todo: int, path: Path) -> None:
-        import time
+    class Bar(console.BarProgress):
+        def start(self, stage: str, total: int, done: int = 0, **info) -> None:
+            self.note(f"tokenizer {info['ckpt']}; {total:,} images, {total - done:,} still to encode → {info['out']}")
+            super().start(stage, total, done)
 
-        state["t0"] = time.perf_counter()
-        if not json_:
-            bar.note(f"tokenizer {path}; {total:,} images, {todo:,} still to encode → {out}")
-            bar.start("tokenize", total, total - todo)
-
-    def on_batch(n: int) -> None:
-        import time
-
-        state["n"] += n
-        if bar.task is not None:
-            bar.throughput(state["n"] / max(time.perf_counter() - state["t0"], 1e-9))
-            bar.progress.update(bar.task, advance=n, rate=bar.rate)
-
-    try:
-        res = api.tokenize(data, out, ckpt, tokens, tokens_sample, limit, device, batch, shard_size, seed, on_start, on_batch)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    with Bar("img/s", quiet=json_) as bar:
+        res = api.tokenize(data, out, ckpt=ckpt, tokens=tokens, tokens_sample=tokens_sample, limit=limit, device=device,
+                           batch=batch, shard_size=shard_size, seed=seed, progress=bar)
     if json_:
-        console.print_json(res)
+        console.print_json(res.to_json())
         return
-    console.kv("tokenized", [("shards", res["out"]), ("items", f"{res['items']:,}"), ("encoded now", f"{res['encoded']:,}"),
-                             ("shards kept from before", res["skipped_shards"]), ("K", res["tokens"]),
-                             ("speed", f"{res['img_per_s']:.1f} img/s")])
+    console.kv("tokenized", [("shards", res.out), ("items", f"{res.items:,}"), ("encoded now", f"{res.encoded:,}"),
+                             ("shards kept from before", res.skipped_shards), ("K", res.tokens),
+                             ("speed", f"{res.img_per_s:.1f} img/s")])

@@ -3,73 +3,68 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from .. import console
 from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, RecipeArg, ResumeOpt, SeedOpt, SetOpt
+from .train_tokenizer import TrainBar
 
 EXAMPLES = """
 Examples:
 
   mergevq tokenize shapes --out tokens/tiny --tokens-sample      # shards of the tiny tokenizer
-  mergevq train-ar recipes/ar/tiny.yaml --tokens tokens/tiny --generator mergear
+  mergevq train-ar recipes/ar/tiny.yaml --shards tokens/tiny --generator mergear
 
-  torchrun --nproc-per-node 8 -m mergevq_cli train-ar recipes/ar/mergear-l.yaml --tokens tokens/gr
+  torchrun --nproc-per-node 8 -m mergevq_cli train-ar recipes/ar/mergear-l.yaml --shards tokens/gr
 
   mergevq train-ar recipes/ar/tiny.yaml --generator randar --out runs/randar-1 --resume
 
-  mergevq train-ar recipes/ar/tiny.yaml -g mergear --tokens tokens/tiny200 --init runs/ar-mergear   # more data
+  mergevq train-ar recipes/ar/tiny.yaml -g mergear --shards tokens/tiny200 --init runs/ar-mergear   # more data
 """
 
-GeneratorOpt = Annotated[
-    Optional[str], typer.Option("--generator", "-g", help="llamagen, mergear or randar (overrides generator.name).")
-]
+GeneratorOpt = Annotated[Optional[str], typer.Option("--generator", "-g", help="llamagen, mergear or randar (overrides generator.name).")]
+ShardsOpt = Annotated[Optional[Path], typer.Option("--shards", "-t", help="Token-shards folder from `mergevq tokenize` (overrides data.tokens).")]
+OldTokensOpt = Annotated[Optional[Path], typer.Option("--tokens", hidden=True, help="Deprecated: --shards.")]
+InitOpt = Annotated[Optional[Path], typer.Option("--init", help="Start from this generator run's weights (same generator, architecture and tokenizer) with a fresh optimizer and schedule, e.g. to train on more data.")]
+
+
+def _describe(what: str, procs: str, info: dict[str, Any]) -> str:
+    if info.get("init"):
+        what += f" from {info['init']}"
+    ks = ", ".join(f"{k}: {n}" for k, n in info["k_counts"].items())
+    return (f"{what} {info['generator']} ({info['params'] / 1e6:.2f}M params) on {info['device']}{procs}, batch "
+            f"{info['batch_size']} (accumulation {info['accum']}), {info['train_items']:,} items + "
+            f"{info['val_items']:,} held out (K per item: {ks}) → {info['run_dir']}")
+
+
+def _shards(shards: Path | None, tokens: Path | None) -> Path | None:
+    """`--tokens DIR` is the old name of `--shards DIR` (it means K in the other commands)."""
+    from mergevq_core.errors import ConfigError
+
+    if tokens is None:
+        return shards
+    if shards is not None:
+        raise ConfigError("--shards and --tokens both given: --tokens DIR is the deprecated name of --shards DIR, give only --shards")
+    if console.is_main_process():
+        console.err.print("--tokens DIR is deprecated for train-ar: use --shards DIR", soft_wrap=True, markup=False, highlight=False)
+    return tokens
 
 
 def train_ar(
-    recipe: RecipeArg,
-    tokens: Annotated[Optional[Path], typer.Option("--tokens", "-t", help="Token-shards folder from `mergevq tokenize` (overrides data.tokens).")] = None,
-    generator: GeneratorOpt = None, out: OutOpt = None, resume: ResumeOpt = False, max_steps: MaxStepsOpt = None,
-    set_: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", json_: JsonOpt = False,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this generator run's weights (same generator, architecture and tokenizer) with a fresh optimizer and schedule, e.g. to train on more data.")] = None,
+    recipe: RecipeArg, shards: ShardsOpt = None, generator: GeneratorOpt = None, out: OutOpt = None,
+    resume: ResumeOpt = False, max_steps: MaxStepsOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", json_: JsonOpt = False, init: InitOpt = None, tokens: OldTokensOpt = None,
 ) -> None:
     """Train a stage-2 generator (LlamaGen, MergeAR or RandAR) on token shards."""
     from mergevq_core import api
-    from mergevq_core.train.tokenizer_loop import TrainHooks
 
-    bar = console.TrainProgress("tok/s", ("ce",))
-
-    def on_start(info: dict) -> None:
-        if not json_:
-            what = "resuming" if info["resumed"] else "training"
-            if info.get("init"):
-                what += f" from {info['init']}"
-            procs = f" × {info['world_size']} processes" if info["world_size"] > 1 else ""
-            ks = ", ".join(f"{k}: {n}" for k, n in info["k_counts"].items())
-            bar.note(
-                f"{what} {info['generator']} ({info['params'] / 1e6:.2f}M params) on {info['device']}{procs}, batch "
-                f"{info['batch_size']} (accumulation {info['accum']}), {info['train_items']:,} items + "
-                f"{info['val_items']:,} held out (K per item: {ks}) → {info['run_dir']}"
-            )
-            bar.start("train", info["total_steps"], info["start_step"])
-
-    def on_eval(step: int, res: dict) -> None:
-        if not json_:
-            bar.note(f"step {step}: validation loss {res['val_loss']:.4f} ({res['items']} items)")
-
-    hooks = TrainHooks(
-        on_start=on_start,
-        on_step=(lambda step, terms: None) if json_ else bar.step,
-        on_log=(lambda row: None) if json_ else (lambda row: bar.throughput(row["tok_per_s"])),
-        on_eval=on_eval,
-    )
-    try:
-        res = api.train_ar(recipe, tuple(set_ or ()), tokens, generator, out, resume, max_steps, seed, device, hooks, init)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    shards = _shards(shards, tokens)
+    eval_line = lambda step, res: f"step {step}: validation loss {res['val_loss']:.4f} ({res['items']} items)"  # noqa: E731
+    with TrainBar("tok/s", ("ce",), json_, _describe, eval_line) as bar:
+        res = api.train_ar(recipe, tuple(set_ or ()), shards=shards, generator=generator, out=out, resume=resume,
+                           max_steps=max_steps, seed=seed, device=device, init=init, progress=bar)
     if not console.is_main_process():
         return
     if json_:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .. import console
 from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, RecipeArg, ResumeOpt, SeedOpt, SetOpt
 
@@ -20,44 +22,48 @@ Examples:
 """
 
 
+class TrainBar(console.BarProgress):
+    """The bar of both train commands: a line saying what trains (`describe(info)`) when training starts, and
+    one line per evaluation row (`eval_line(step, results)`)."""
+
+    def __init__(self, unit: str, terms: tuple[str, ...], quiet: bool, describe: Any, eval_line: Any) -> None:
+        super().__init__(unit, terms, quiet)
+        self.describe, self.eval_line = describe, eval_line
+
+    def start(self, stage: str, total: int, done: int = 0, **info: Any) -> None:
+        what = "resuming" if info["resumed"] else "training"
+        procs = f" × {info['world_size']} processes" if info["world_size"] > 1 else ""
+        self.note(self.describe(what, procs, info))
+        super().start(stage, total, done, **info)
+
+    def log(self, row: dict[str, Any]) -> None:
+        super().log(row)
+        if "eval" in row:
+            self.note(self.eval_line(row["step"], row["eval"]))
+
+
+def _describe(what: str, procs: str, info: dict[str, Any]) -> str:
+    return (f"{what} {info['params'] / 1e6:.2f}M params on {info['device']}{procs}, batch {info['batch_size']}"
+            f" (accumulation {info['accum']}), {info['train_images']:,} images → {info['run_dir']}")
+
+
+def _eval_line(step: int, res: dict[str, Any]) -> str:
+    psnr = ", ".join(f"K={k}: {v:.2f} dB" for k, v in res["psnr_by_tokens"].items())
+    acc = res["source_recovery_acc"]
+    return (f"step {step}: held-out PSNR {psnr}; codebook usage {res['codebook_usage']:.3f}"
+            + (f"; source recovery {acc:.3f}" if acc is not None else ""))
+
+
 def train_tokenizer(
     recipe: RecipeArg, out: OutOpt = None, resume: ResumeOpt = False, max_steps: MaxStepsOpt = None,
     set_: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", json_: JsonOpt = False,
 ) -> None:
     """Train a MergeVQ tokenizer (stage 1) from a recipe."""
     from mergevq_core import api
-    from mergevq_core.train.tokenizer_loop import TrainHooks
 
-    bar = console.TrainProgress("img/s", ("total", "recon", "source_acc"))
-
-    def on_start(info: dict) -> None:
-        if not json_:
-            what = "resuming" if info["resumed"] else "training"
-            procs = f" × {info['world_size']} processes" if info["world_size"] > 1 else ""
-            bar.note(
-                f"{what} {info['params'] / 1e6:.2f}M params on {info['device']}{procs}, batch {info['batch_size']}"
-                f" (accumulation {info['accum']}), {info['train_images']:,} images → {info['run_dir']}"
-            )
-            bar.start("train", info["total_steps"], info["start_step"])
-
-    def on_eval(step: int, res: dict) -> None:
-        if not json_:
-            psnr = ", ".join(f"K={k}: {v:.2f} dB" for k, v in res["psnr_by_tokens"].items())
-            acc = res["source_recovery_acc"]
-            bar.note(f"step {step}: held-out PSNR {psnr}; codebook usage {res['codebook_usage']:.3f}"
-                     + (f"; source recovery {acc:.3f}" if acc is not None else ""))
-
-    hooks = TrainHooks(
-        on_start=on_start,
-        on_step=(lambda step, terms: None) if json_ else bar.step,
-        on_log=(lambda row: None) if json_ else (lambda row: bar.throughput(row["img_per_s"])),
-        on_eval=on_eval,
-    )
-    try:
-        res = api.train_tokenizer(recipe, tuple(set_ or ()), out, resume, max_steps, seed, device, hooks)
-    finally:
-        if bar.task is not None:
-            bar.stop()
+    with TrainBar("img/s", ("total", "recon", "source_acc"), json_, _describe, _eval_line) as bar:
+        res = api.train_tokenizer(recipe, tuple(set_ or ()), out=out, resume=resume, max_steps=max_steps, seed=seed,
+                                  device=device, progress=bar)
     if not console.is_main_process():
         return
     if json_:

@@ -27,8 +27,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..generators import MergeAR, SamplingSettings, analytic_peak_slots, first_occurrence, sample_from
-from ..generators.raster import RasterDecoder, mean_context
+from ..generators import (
+    MergeAR, RasterDecoder, SamplingSettings, analytic_peak_slots, first_occurrence, mean_context, sample_from,
+)
 from ..models.gpt import GPT_SIZES, GPTConfig
 from .timing import environment, peak_bandwidth, quantiles, sync, timed
 
@@ -58,6 +59,7 @@ class KVRow:
     ms_per_token_median: float
     ms_per_token_p10: float
     ms_per_token_p90: float
+    ms_per_token_runs: list[float]  # every timed run, in order: the median and quantiles above are of these
     tokens_per_s: float  # image tokens of the whole batch per second (CFG rows not counted twice)
     images_per_s: float
     runs: int
@@ -105,11 +107,9 @@ def forced_ids(batch: int, n: int, redundancy: float, vocab: int, generator: tor
 
 def _model(name: str, n: int, window: int | None, device: torch.device, dtype: torch.dtype, ckpt: Path | None):
     if ckpt is not None:
-        from ..generation import load_generator
+        from ..runs import load_generator
 
-        gen, meta = load_generator(ckpt, device)
-        if meta["generator"] != "mergear":
-            raise ValueError(f"{ckpt} holds a {meta['generator']} generator; the kv-cache benchmark needs mergear")
+        gen, _ = load_generator(ckpt, device, expect="mergear")
         if window is not None:
             gen.window = window
         return gen.to(dtype)
@@ -136,11 +136,14 @@ def _pick_forced(gen: Any, ids: Tensor, g: torch.Generator, rows: int) -> Callab
 
 
 def bench_kv_cache(
-    ns: list[int], batches: list[int], redundancies: list[float], model: str = "tiny", device: str | None = None,
+    ns: list[int], batches: list[int], redundancies: list[float], *, model: str = "tiny", device: str | None = None,
     runs: int = 10, warmups: int = 3, segment: int = 16, window: int | None = None, cfg: bool = False,
     ckpt: str | Path | None = None, seed: int = 0, on_row: Callable[[KVRow], None] | None = None,
 ) -> tuple[list[KVRow], dict[str, Any]]:
-    from ..train.dist import pick_device
+    """One row per (N, batch, cache[, ρ]): static and sliced full caches, then MergeAR's compressed cache at each
+    forced redundancy ρ (or, with `ckpt`, on a trained MergeAR's own samples). `on_row` sees each row as it is
+    made; also returns the environment. Protocol: the module docstring."""
+    from ..dist import pick_device
 
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -152,7 +155,7 @@ def bench_kv_cache(
     rows_out: list[KVRow] = []
     ckpt_path = None
     if ckpt is not None:
-        from ..generation import find_generator_checkpoint
+        from ..runs import find_generator_checkpoint
 
         ckpt_path = find_generator_checkpoint(ckpt, "mergear")
         ns = ns[:1]  # the checkpoint fixes N
@@ -262,7 +265,8 @@ def _row(c, lat, allocated, n, batch, rows, w, runs, warmups, segment, dev, kv_t
         cache=c["cache"], n=n, batch=batch, redundancy=float(rho), window=w, distinct_ids=c["distinct"],
         peak_slots=c["peak"], kv_bytes_peak=rows * c["peak"] * kv_tok, kv_bytes_measured=rows * c["measured"] * kv_tok,
         kv_bytes_allocated=allocated, mean_context=c["ctx"], ms_per_token_median=q["median"] * 1e3,
-        ms_per_token_p10=q["p10"] * 1e3, ms_per_token_p90=q["p90"] * 1e3, tokens_per_s=batch / q["median"],
+        ms_per_token_p10=q["p10"] * 1e3, ms_per_token_p90=q["p90"] * 1e3, ms_per_token_runs=[t * 1e3 for t in lat],
+        tokens_per_s=batch / q["median"],
         images_per_s=batch / (q["mean"] * n), runs=runs, warmups=warmups,
         segment=segment if segment and segment < n - 1 else n - 1, bandwidth_share=bw_share,
     )

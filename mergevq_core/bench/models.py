@@ -15,7 +15,7 @@ __all__ = ["bench_ar", "bench_tokenizer"]
 
 
 def _tokenizer(ckpt: str | Path | None, recipe: str | Path | None, device: torch.device):
-    from ..api import load_tokenizer
+    from ..runs import load_tokenizer
     from ..config import load_config
     from ..models import build_tokenizer
 
@@ -31,7 +31,7 @@ def bench_tokenizer(ckpt: str | Path | None = None, recipe: str | Path | None = 
                     batch: int = 16, runs: int = 10, warmups: int = 3, device: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Encode and decode images/s at each K, with the conv + linear GMACs per image of each."""
     from ..eval.complexity import mac_counter
-    from ..train.dist import pick_device
+    from ..dist import pick_device
 
     dev = pick_device(device)
     tok, what = _tokenizer(ckpt, recipe, dev)
@@ -62,21 +62,23 @@ def bench_tokenizer(ckpt: str | Path | None = None, recipe: str | Path | None = 
     return rows, {"model": what, "image_size": size, "N": cfg.model.n_tokens, **environment(dev)}
 
 
-def bench_ar(recipe: str | Path, batch: int = 16, runs: int = 10, warmups: int = 3, device: str | None = None,
+def bench_ar(recipe: str | Path, *, batch: int = 16, runs: int = 10, warmups: int = 3, device: str | None = None,
              generators: tuple[str, ...] = ("llamagen", "mergear", "randar"), k: int | None = None,
              steps: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training tokens/s (forward, backward, AdamW step on random token batches) and sampling tokens/s of each
-    generator of a recipe's size, random weights. Sampling: llamagen on the sliced cache, mergear on its compressed
-    cache, randar in parallel with its cosine schedule."""
+    generator of a recipe's size, random weights, each through `Generator.sample` (llamagen on the sliced cache,
+    mergear on its compressed cache, randar in parallel with its cosine schedule, `steps` or the default for K).
+    A row's `steps` is the forward passes one sampling call takes."""
     import math
 
     from ..config import load_ar_config
-    from ..generators import SamplingSettings, build_generator, default_steps
-    from ..train.dist import pick_device
+    from ..dist import pick_device
+    from ..generators import SamplingSettings, build_generator
+    from ..models.gpt import gpt_config_from_recipe
 
     dev = pick_device(device)
     cfg = load_ar_config(recipe)
-    gcfg = cfg.gpt_config()
+    gcfg = gpt_config_from_recipe(cfg.model)
     n = gcfg.max_len
     k = k or (math.isqrt(n) * 3 // 4) ** 2  # a merged grid of 3/4 the side, like 144 of 256
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -105,26 +107,22 @@ def bench_ar(recipe: str | Path, batch: int = 16, runs: int = 10, warmups: int =
         for _ in range(warmups):
             train_step()
         t_train = quantiles([timed(train_step, dev) for _ in range(runs)])
-        seq = k if name == "randar" else n
+        seq = gen.seq_len(k)
         gen.eval()
         labels = batch_t["label"]
         pick = SamplingSettings(cfg=2.0).picker(seq, torch.Generator(device=dev).manual_seed(0))
         dt = torch.bfloat16 if dev.type == "cuda" else None
 
-        def sample() -> None:
+        def sample() -> dict[str, Any]:
             with torch.no_grad(), autocast:
-                if name == "randar":
-                    gen.generate(labels, k=k, pick=pick, guided=True, steps=steps or default_steps(k),
-                                 generator=torch.Generator(device=dev).manual_seed(0), dtype=dt)
-                else:
-                    gen.generate(labels, k=k, pick=pick, guided=True, dtype=dt)
+                return gen.sample(labels, k, pick, True, steps=steps,
+                                  generator=torch.Generator(device=dev).manual_seed(0), dtype=dt).stats
 
-        sample()
+        passes = sample()["forward_passes"]
         t_sample = quantiles([timed(sample, dev) for _ in range(max(3, runs // 3))])
         gen.train()
         rows.append({"generator": name, "batch": batch, "tokens_per_image": seq, "params": sum(p.numel() for p in gen.parameters()),
                      "train_tokens_per_s": batch * seq / t_train["median"], "train_ms_p10_p90": [t_train["p10"] * 1e3, t_train["p90"] * 1e3],
                      "sample_tokens_per_s": batch * seq / t_sample["median"], "sample_images_per_s": batch / t_sample["median"],
-                     "sample_s_p10_p90": [t_sample["p10"], t_sample["p90"]], "cfg": 2.0,
-                     "steps": (steps or default_steps(k)) if name == "randar" else seq})
+                     "sample_s_p10_p90": [t_sample["p10"], t_sample["p90"]], "cfg": 2.0, "steps": passes})
     return rows, {"recipe": str(recipe), "N": n, "K": k, **environment(dev)}

@@ -17,7 +17,6 @@ folder whose manifest does not say `complete`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..fileio import TMP_PREFIX, TMP_SUFFIX, write_atomic
+from ..fileio import TMP_PREFIX, TMP_SUFFIX, sha256_file, write_atomic
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ShardWriter", "TokenShards", "collate_tokens", "sha256_file"]
 
@@ -49,18 +48,6 @@ def shard_file(i: int) -> str:
 
 def _shard_key(i: int) -> str:
     return f"{i:05d}"
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in `chunk_size` pieces (never whole into memory)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_size):
-                h.update(chunk)
-    except OSError as e:
-        raise DataError(f"cannot read {path} to hash it: {e.strerror or e}") from e
-    return h.hexdigest()
 
 
 def _is_tmp(name: str) -> bool:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DataError
 from ..fileio import write_atomic
 
 __all__ = ["SmallCNN", "classifier_for", "consistency", "references_at"]
@@ -48,23 +47,17 @@ class SmallCNN(nn.Module):
 
 
 def _labelled_images(data: dict[str, Any], size: int, count: int, split: str) -> tuple[Tensor, Tensor]:
-    """Real images in [-1, 1] (M, 3, size, size) with labels (M,) from the shards' dataset description."""
-    source = data.get("source")
-    if source == "shapes":
-        from ..data import ShapesDataset
+    """Real images in [-1, 1] (M, 3, size, size) with labels (M,) from the shards' dataset description: shapes the
+    shards never held (another seed), or a seeded random subset of the image folder."""
+    from ..data.sources import reopen
 
-        ds = ShapesDataset(size, length=count, seed=int(data.get("seed", 0)) + 7919, split=split)
-        return torch.stack([ds.render(i) for i in range(count)]), torch.tensor([ds.label(i) for i in range(count)])
-    if source == "imagefolder" and data.get("root"):
-        from ..data import ImageFolder
-        from ..data.views import recon_view
-
-        ds = ImageFolder(Path(data["root"]), view=lambda img, g: {"image": recon_view(img, size, g, train=False)}, seed=0)
-        g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        idx = torch.randperm(len(ds), generator=g)[:count].tolist()
-        items = [ds[i] for i in idx]
-        return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
-    raise DataError(f"class consistency needs labelled data (shapes or an image folder); the shards came from {source!r}")
+    ds = reopen(data, size, split=split, length=count, seed_offset=7919)
+    if data.get("source") == "shapes":
+        idx = list(range(count))
+    else:
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0 if split == "train" else 1))[:count].tolist()
+    items = [ds[i] for i in idx]
+    return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
 
 
 def _reconstruct(tok: Any, images: Tensor, k: int, device: torch.device, batch: int = 256,

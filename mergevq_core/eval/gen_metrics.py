@@ -65,11 +65,6 @@ def save_fid_stats(path: str | Path, images: Tensor, weights: Path, device: torc
 def load_reference(ref: str, size: int, count: int, seed: int = 0) -> Tensor | dict[str, np.ndarray]:
     """`shapes`, a folder of images, or an .npz of statistics -> uint8 images (M, 3, size, size) or stats."""
     p = Path(ref).expanduser()
-    if ref == "shapes":
-        from ..data import ShapesDataset
-
-        ds = ShapesDataset(size, length=max(count, 2), seed=seed, split="val")
-        return torch.stack([((ds.render(i).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for i in range(len(ds))])
     if p.suffix == ".npz":
         if not p.is_file():
             raise DataError(f"FID statistics not found: {p}")
@@ -77,14 +72,14 @@ def load_reference(ref: str, size: int, count: int, seed: int = 0) -> Tensor | d
             if "mu" not in z or "sigma" not in z:
                 raise DataError(f"{p} must hold arrays 'mu' (2048,) and 'sigma' (2048, 2048)")
             return {"mu": z["mu"], "sigma": z["sigma"]}
-    if p.is_dir():
-        from .reconstruct import collect_images, load_images
+    if ref == "shapes" or p.is_dir():
+        from ..data.sources import open_images
         from .fid import to_uint8
 
-        files = collect_images([p])
-        if len(files) < 2:
+        ds, _ = open_images(ref, size, split="val", length=max(count, 2), seed=seed)
+        if len(ds) < 2:
             raise DataError(f"{p} holds fewer than 2 images for FID")
-        return to_uint8(load_images(files, size))
+        return to_uint8(torch.stack([ds[i]["image"] for i in range(len(ds))]))
     raise DataError(f"FID reference {ref!r}: give a folder of real images, `shapes`, or an .npz with mu and sigma")
 
 

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..progress import SILENT, Progress
 
-__all__ = ["ProbeResult", "labelled_split", "linear_probe", "probe_features"]
+__all__ = ["ProbeResult", "labelled_split", "linear_probe", "probe_features", "run_probe"]
 
 
 @torch.no_grad()
@@ -43,31 +44,23 @@ def probe_features(tok: Any, images: Tensor, tokens: int | None = None, batch: i
 def labelled_split(data: str, size: int, n_train: int, n_test: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     """(train images, train labels, test images, test labels, class names) of `shapes` (its train and val
     streams) or a folder with one subfolder per class (a seeded split)."""
+    from ..data.sources import open_images
+
+    def stack(ds: Any, idx: Any) -> tuple[Tensor, Tensor]:
+        items = [ds[i] for i in idx]
+        return torch.stack([it["image"] for it in items]), torch.tensor([int(it["label"]) for it in items])
+
     if data == "shapes":
-        from ..data import SHAPE_CLASSES, ShapesDataset
-
-        tr, te = ShapesDataset(size, length=n_train, seed=seed, split="train"), ShapesDataset(size, length=n_test, seed=seed, split="val")
-        xs = lambda ds: torch.stack([ds.render(i) for i in range(len(ds))])
-        ys = lambda ds: torch.tensor([ds.label(i) for i in range(len(ds))])
-        return xs(tr), ys(tr), xs(te), ys(te), list(SHAPE_CLASSES)
-    p = Path(data).expanduser()
-    if not p.is_dir():
-        raise DataError(f"no such folder: {data} (give a folder of class subfolders, or `shapes`)")
-    from ..data import ImageFolder
-    from ..data.views import recon_view
-
-    ds = ImageFolder(p, view=lambda img, g: {"image": recon_view(img, size, g, train=False)}, seed=seed)
-    if len(ds.classes) < 2:
-        raise DataError(f"{p} needs at least two class subfolders for a linear probe, found {len(ds.classes)}")
+        tr, info = open_images("shapes", size, split="train", length=n_train, seed=seed)
+        te, _ = open_images("shapes", size, split="val", length=n_test, seed=seed)
+        return (*stack(tr, range(len(tr))), *stack(te, range(len(te))), info["classes"])
+    ds, info = open_images(data, size, seed=seed, labelled=True)
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test_ = min(n_test, len(ds) // 5)
     test_idx, train_idx = order[:n_test_], order[n_test_:n_test_ + n_train]
     if not test_idx or not train_idx:
-        raise DataError(f"{p} holds {len(ds)} images: too few for a train/test split")
-    load = lambda idx: [ds[i] for i in idx]
-    tr, te = load(train_idx), load(test_idx)
-    return (torch.stack([it["image"] for it in tr]), torch.tensor([int(it["label"]) for it in tr]),
-            torch.stack([it["image"] for it in te]), torch.tensor([int(it["label"]) for it in te]), list(ds.classes))
+        raise DataError(f"{data} holds {len(ds)} images: too few for a train/test split")
+    return (*stack(ds, train_idx), *stack(ds, test_idx), info["classes"])
 
 
 class LinearProbe(nn.Module):
@@ -162,3 +155,38 @@ def plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: str
     from .plots import save_figure
 
     save_figure(fig, path)
+
+
+def run_probe(tok: Any, ckpt: Path, data: str, *, tokens: str | int = "all", epochs: int = 90, lr: float = 1e-3,
+              n_train: int = 5000, n_test: int = 1000, out: str | Path = "probe", seed: int = 0,
+              progress: Progress = SILENT) -> ProbeResult:
+    """The linear probe of `tok`'s frozen encoder on `data` at K = `tokens` (`all`: no merging), next to the same
+    probe on raw pixels; writes the confusion matrix PNG to `out`."""
+    import time
+
+    if epochs < 1 or n_train < 2 or n_test < 1:
+        raise ConfigError("--epochs >= 1, --train >= 2 and --test >= 1")
+    t0 = time.perf_counter()
+    if str(tokens) == "all":
+        k = tok.cfg.model.n_tokens
+    else:
+        try:
+            k = tok.cfg.check_keep(int(tokens))
+        except ValueError:
+            raise ConfigError(f"--tokens {tokens!r}: give `all` or a perfect square K") from None
+    x_tr, y_tr, x_te, y_te, classes = labelled_split(data, tok.cfg.model.image_size, n_train, n_test, seed)
+    progress.start("features", len(x_tr) + len(x_te), ckpt=str(ckpt), tokens=k)
+    f_tr = probe_features(tok, x_tr, k, on_batch=progress.advance)
+    f_te = probe_features(tok, x_te, k, on_batch=progress.advance)
+    progress.start("probe", 2 * epochs)
+    step = lambda e, loss: progress.advance(1)
+    top1, confusion = linear_probe(f_tr, y_tr, f_te, y_te, len(classes), epochs, lr, seed=seed, on_epoch=step)
+    base, _ = linear_probe(x_tr.flatten(1), y_tr, x_te.flatten(1), y_te, len(classes), epochs, lr, seed=seed, on_epoch=step)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"confusion_{Path(str(data)).name}_k{k}.png"
+    plot_confusion(confusion, classes, png, f"linear probe, K = {k}: top-1 {top1:.3f} (pixels {base:.3f})")
+    per_class = (confusion.diagonal().float() / confusion.sum(1).clamp_min(1)).tolist()
+    return ProbeResult(ckpt=str(ckpt), data=str(data), tokens=k, top1=top1, baseline_top1=base, n_train=len(x_tr),
+                       n_test=len(x_te), feature_dim=int(f_tr.shape[1]), epochs=epochs, confusion_png=str(png),
+                       classes=classes, per_class=dict(zip(classes, per_class)), wall_s=time.perf_counter() - t0)

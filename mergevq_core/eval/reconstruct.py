@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..progress import SILENT, Progress
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import is_image_file, list_images, load_rgb
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models import MergeVQTokenizer
 from .metrics import psnr, to_unit
 
@@ -117,8 +119,7 @@ class ReconResult:
 @torch.no_grad()
 def reconstruct_images(
     tok: MergeVQTokenizer, files: list[Path], images: Tensor, tokens: list[int], source: str, out: Path,
-    lpips: Callable[[Tensor, Tensor], Tensor] | None = None, batch: int = 16,
-    on_batch: Callable[[int], None] = lambda n: None,
+    lpips: Callable[[Tensor, Tensor], Tensor] | None = None, batch: int = 16, progress: Progress = SILENT,
 ) -> tuple[list[ReconRecord], dict[int, Tensor], dict[int, set[int]]]:
     """Encode/decode every image at every K. Returns the records, the reconstructions per K (M, 3, H, W) on the
     CPU, and the distinct ids seen per K."""
@@ -150,7 +151,7 @@ def reconstruct_images(
                     lpips=lp[i] if lp is not None else None, psnr_gt_source=float(p_gt[i]) if p_gt is not None else None,
                 ))
             recons[k].append(rec.cpu())
-        on_batch(len(x))
+        progress.advance(len(x))
     return records, {k: torch.cat(v) for k, v in recons.items()}, seen
 
 
@@ -200,3 +201,47 @@ def plot_quality_vs_tokens(mean: dict[int, dict[str, float]], path: Path, title:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def reconstruct_files(
+    tok: MergeVQTokenizer, ckpt: Path, files: list[Path], *, tokens: list[int] | None = None, source: str = "gt",
+    out: str | Path = "recon", fid_weights: Path | None = None, batch: int = 16, progress: Progress = SILENT,
+) -> ReconResult:
+    """Reconstruct image `files` at each K in `tokens` (default: the checkpoint's merge.keep) and report per-image
+    and mean PSNR / SSIM (LPIPS when VGG16 weights are found), codebook usage per K, rFID with `fid_weights`
+    (Inception), and a quality-vs-K plot for a K list. `source`: `gt` (the encoder's own merge assignment) or
+    `predicted` (the source recovery model's, from the ids alone)."""
+    from .quality import lpips_if_available
+
+    cfg = tok.cfg
+    if source not in ("gt", "predicted"):
+        raise ConfigError(f"--source {source!r}: choose gt or predicted")
+    if batch < 1:
+        raise ConfigError(f"--batch {batch}: must be >= 1")
+    ks = sorted(set(tokens)) if tokens else [cfg.merge.keep]
+    for k in ks:
+        cfg.check_keep(k)
+    if source == "predicted" and tok.recovery is None:
+        raise ConfigError(f"--source predicted needs a source recovery model; {ckpt} was trained without one")
+    if fid_weights is not None and len(files) < 2:
+        raise ConfigError("--fid needs at least 2 images (give a folder)")
+    images = load_images(files, cfg.model.image_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(tok.parameters()).device
+    lpips = lpips_if_available(cfg.loss.vgg_weights)
+    lpips = lpips.to(device) if lpips is not None else None
+    progress.start("reconstruct", len(files), ckpt=str(ckpt), tokens=ks)
+    records, recons, seen = reconstruct_images(tok, files, images, ks, source, out, lpips, batch, progress)
+    mean = summarise(records, ks)
+    for k in ks:
+        mean[k]["codebook_usage"] = len(seen[k]) / tok.quantizer.codebook_size
+        if fid_weights is not None:
+            from .fid import frechet_distance, to_uint8
+
+            mean[k]["rfid"] = frechet_distance(to_uint8(images), to_uint8(recons[k]), fid_weights, device)
+    res = ReconResult(ckpt=str(ckpt), source=source, out=str(out), images=records, mean=mean)
+    if len(ks) > 1:
+        res.plot = str(out / "quality_vs_tokens.png")
+        plot_quality_vs_tokens(mean, Path(res.plot), f"{cfg.model.name} ({ckpt.parent.parent.name}), {len(files)} images")
+    return res

@@ -1,15 +1,26 @@
-"""What every stage-2 generator shares: the GPT backbone, label handling and the registry by name."""
+"""What every stage-2 generator shares: the GPT backbone, label handling, the registry by name, and the one
+interface a sampling pipeline, the trainer and the benchmarks use without asking which generator they hold.
+
+The interface: `check_k` / `check_steps` resolve and validate the user's K and step count, `sample` decodes a
+batch of labels into merged tokens (`Sampled`), `seq_len(k)` is the number of image tokens it decodes per image,
+`summarize_stats` turns the per-batch decoding statistics into result keys, `needs_source_recovery` says whether
+the tokenizer must predict `assign`, `reference_k` is the K its samples are compared at, and
+`train_sequence_len` / `targets_count` describe teacher forcing.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models.gpt import GPT, GPTConfig
+from .sampling import Pick
 
 __all__ = ["GENERATORS", "Generator", "Sampled", "build_generator", "first_occurrence", "register"]
 
@@ -50,9 +61,16 @@ class Sampled:
 
 
 class Generator(nn.Module):
-    """A GPT plus a sequence layout. Subclasses implement `training_logits` and `generate`."""
+    """A GPT plus a sequence layout. Subclasses implement `training_logits`, `sample`, `seq_len`,
+    `train_sequence_len` and `targets_count`.
+
+    `conditions_on_k`: the model is told K (MergeAR's Merge Instruction token, RandAR's slot grid); without it
+    (LlamaGen) K is only reported. `needs_source_recovery`: `sample` returns no `assign`, so the tokenizer's source
+    recovery model must predict it (RandAR)."""
 
     name: ClassVar[str] = ""
+    conditions_on_k: ClassVar[bool] = True
+    needs_source_recovery: ClassVar[bool] = False
 
     def __init__(self, gpt_cfg: GPTConfig) -> None:
         super().__init__()
@@ -91,7 +109,52 @@ class Generator(nn.Module):
         """The training loss (what DDP wraps)."""
         return self.loss(batch, generator, label_smoothing)
 
-    def generate(self, labels: Tensor, **kw: Any) -> Sampled:
+    # ---------------------------------------------------------------- the sampling interface
+    def default_k(self) -> int:
+        """K when the user gives none."""
+        return self.n_tokens
+
+    def check_k(self, k: int | None) -> int:
+        """The user's K (None: `default_k`), validated: a perfect square up to N when the model is told K, as it
+        decodes on a √K×√K grid; anything otherwise (it is only reported)."""
+        k = k if k is not None else self.default_k()
+        if self.conditions_on_k and (k < 1 or math.isqrt(k) ** 2 != k or k > self.n_tokens):
+            raise ConfigError(f"--tokens {k}: K must be a perfect square up to N={self.n_tokens}")
+        return k
+
+    def check_steps(self, steps: int | None, k: int) -> int | None:
+        """The user's step count for K tokens, resolved; raster decoding always takes one step per token, so it
+        ignores `steps` (returned as given)."""
+        return steps
+
+    def seq_len(self, k: int) -> int:
+        """Image tokens decoded per image at K (what tokens/s counts)."""
+        raise NotImplementedError
+
+    def reference_k(self, k: int, tokenizer_keep: int) -> int:
+        """The K its samples are compared at (class-consistency ceilings): K itself, or the tokenizer's own K when
+        the model is not told K (its N ids carry no K of their own)."""
+        return k if self.conditions_on_k else tokenizer_keep
+
+    def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
+        """Merged tokens for labels (B,) at K = k (from `check_k`). `pick(t, i, logits)` chooses sub-token i of
+        target t (see `SamplingSettings.picker`), `guided` doubles the rows for CFG, `steps` and `generator` (the
+        decoding order) matter to RandAR only, `dtype` is the KV cache's. `stats["forward_passes"]` is always set."""
+        raise NotImplementedError
+
+    def summarize_stats(self, per_batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The per-batch `Sampled.stats` of one sampling job -> the keys it adds to the job's result."""
+        return {"forward_passes_per_batch": sum(s["forward_passes"] for s in per_batch) / max(1, len(per_batch))}
+
+    # ---------------------------------------------------------------- teacher forcing
+    @property
+    def train_sequence_len(self) -> int:
+        """Length L of the teacher-forced input sequence at K = N (prefix tokens included)."""
+        raise NotImplementedError
+
+    def targets_count(self, batch: dict[str, Tensor]) -> int:
+        """Image tokens predicted in a collated training batch (what training tokens/s counts)."""
         raise NotImplementedError
 
     @staticmethod

@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models.gpt import GPTConfig, Logits
 from ..nn.rope import apply_rope
 from .base import Generator, Sampled, register
@@ -38,7 +39,10 @@ def default_steps(k: int) -> int:
 
 @register
 class RandAR(Generator):
+    """RandAR over the K merged ids in random slot order; `assign` comes from the tokenizer's source recovery model."""
+
     name = "randar"
+    needs_source_recovery = True
 
     def __init__(self, gpt_cfg: GPTConfig, default_tokens: int | None = None) -> None:
         super().__init__(gpt_cfg)
@@ -50,6 +54,23 @@ class RandAR(Generator):
 
     def default_k(self) -> int:
         return self.default_tokens or self.n_tokens
+
+    def check_steps(self, steps: int | None, k: int) -> int:
+        """Parallel decoding steps for K tokens: `default_steps(k)` when None, else 1..K."""
+        steps = steps or default_steps(k)
+        if not 1 <= steps <= k:
+            raise ConfigError(f"--steps {steps}: randar decodes K={k} tokens in 1..{k} steps")
+        return steps
+
+    def seq_len(self, k: int) -> int:
+        return k
+
+    @property
+    def train_sequence_len(self) -> int:
+        return 2 * self.n_tokens  # [class, PI_0, x_0, ..., PI_{N-1}] at K = N
+
+    def targets_count(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["k"].sum())
 
     # ---------------------------------------------------------------- layout
     @staticmethod
@@ -165,15 +186,13 @@ class RandAR(Generator):
         return ids, {"forward_passes": forwards, "tokens_fed": fed, "schedule": counts}
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, k: int | None = None, pick: Pick | None = None, guided: bool = False,
-                 steps: int | None = -1, generator: torch.Generator | None = None, **kw: Any) -> Sampled:
-        """K merged ids in a random slot order (parallel decoding, `steps` -1 = the default count for K); assign is
-        left to the tokenizer's source recovery model."""
-        if pick is None:
-            raise ValueError("generate needs a pick function (see SamplingSettings.picker)")
-        k = k if k is not None else self.default_k()
+    def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
+        """K merged ids in a random slot order drawn from `generator`, decoded in `steps` parallel steps (None: the
+        default count for K; `steps=k` is one token per step); `assign` is left to the tokenizer's source
+        recovery model."""
         B = labels.shape[0]
         order = self.random_order(torch.full((B,), k, device=labels.device), k, generator)
-        steps = default_steps(k) if steps == -1 else steps
-        ids, stats = self.decode(labels, k, order, pick, guided, steps, **kw)
+        steps = default_steps(k) if steps is None else steps
+        ids, stats = self.decode(labels, k, order, pick, guided, steps, dtype)
         return Sampled(ids, torch.full((B,), k, dtype=torch.long, device=labels.device), None, stats)

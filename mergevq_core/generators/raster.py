@@ -1,21 +1,18 @@
-"""Raster-order generators over the N grid positions: `llamagen` and `mergear`.
+"""Raster-order generators over the N grid positions: the shared layout and decoder, and `llamagen`.
 
-Both see the expanded id grid (every position carries its merged group's id, so duplicates are present) and
-predict x_0 .. x_{N-1} in raster order.
+Raster generators see the expanded id grid (every position carries its merged group's id, so duplicates are
+present) and predict x_0 .. x_{N-1} in raster order from the input [prefix, x_0 .. x_{N-2}].
 
-- `llamagen`: input [class, x_0 .. x_{N-2}], plain causal attention.
-- `mergear` (MergeVQ §4.1, Fig. 6): input [class, M, x_0 .. x_{N-2}], where M is the Merge Instruction token,
-  a learned embedding indexed by √K (the merged grid side). Attention follows Eq. 12: the query at image
-  position i sees image key j iff j <= i and (i - j < w or j is the first occurrence of its id); the prefix is
-  always visible. The window w counts the positions a query sees besides the representatives, itself included
-  (the sliding-window convention of Mistral): w = G + 1 covers the whole causal 8-neighbourhood of the target.
+- `llamagen`: prefix [class], plain causal attention.
+- `mergear` (in `mergear.py`): prefix [class, M] and the Eq. 12 mask.
 
 Decoding runs the N - 1 steps with a KV cache. `cache="sliced"` keeps every token and attends over the live
 length; `cache="static"` attends over the whole preallocated buffer under a mask (LlamaGen's layout, a baseline);
-`cache="mergear"` is the compressed cache: a Position Cache records each position's representative, a newly
-sampled id equal to an earlier one is a duplicate, and a duplicate's KV slot is freed (and reused by the next
-token) when it leaves the window. Keys keep their RoPE positions, so no re-rotation is needed, and the cached
-context of every step is exactly the Eq. 12 row: MergeAR decoding equals teacher forcing under that mask.
+`cache="mergear"` is MergeAR's compressed cache: a Position Cache (`mergear.PositionCache`) records each
+position's representative, a newly sampled id equal to an earlier one is a duplicate, and a duplicate's KV slot
+is freed (and reused by the next token) when it leaves the window. Keys keep their RoPE positions, so no
+re-rotation is needed, and the cached context of every step is exactly the Eq. 12 row: MergeAR decoding equals
+teacher forcing under that mask.
 """
 
 from __future__ import annotations
@@ -23,37 +20,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.gpt import GPTConfig, Logits
 from ..nn.rope import grid_positions
 from .base import Generator, Sampled, first_occurrence, register
 from .sampling import Pick
 
-__all__ = ["LlamaGen", "MergeAR", "RasterGenerator", "mergear_mask"]
+__all__ = ["CACHES", "LlamaGen", "RasterDecoder", "RasterGenerator", "group_by_id"]
 
 CACHES = ("sliced", "static", "mergear")
 
 
-def mergear_mask(rep: Tensor, window: int, prefix: int) -> Tensor:
-    """Eq. 12 over the input sequence [prefix tokens, x_0 .. x_{N-2}]: rep (B, N) bool (first occurrences) ->
-    (B, L, L) bool, L = prefix + N - 1, True = may attend."""
-    B, N = rep.shape
-    L = prefix + N - 1
-    a = torch.arange(L, device=rep.device)
-    causal = a[None, :] <= a[:, None]  # (L, L) key <= query
-    dist = a[:, None] - a[None, :]  # query - key
-    is_img_key = a >= prefix
-    rep_key = torch.zeros(B, L, dtype=torch.bool, device=rep.device)
-    rep_key[:, prefix:] = rep[:, : N - 1]
-    visible = (~is_img_key)[None, None, :] | (dist < window)[None] | rep_key[:, None, :]
-    return causal[None] & visible
-
-
 class RasterGenerator(Generator):
-    """Shared raster layout; `prefix` is 1 (class) or 2 (class, M)."""
+    """Shared raster layout; `prefix` is 1 (class) or 2 (class, M). `default_cache` is the cache `sample` decodes
+    with (`decode` takes any of `CACHES`)."""
 
     merge_token: bool = False
+    default_cache = "sliced"
 
     def __init__(self, gpt_cfg: GPTConfig) -> None:
         super().__init__(gpt_cfg)
@@ -105,59 +89,23 @@ class RasterGenerator(Generator):
         return dec.ids, dec.stats()
 
     @torch.no_grad()
-    def generate(self, labels: Tensor, k: int | None = None, pick: Pick | None = None, guided: bool = False,
-                 cache: str | None = None, **kw: Any) -> Sampled:
-        """Raster ids -> merged tokens in order of first appearance with `assign` from the Position Cache."""
-        if pick is None:
-            raise ValueError("generate needs a pick function (see SamplingSettings.picker)")
-        k = k if k is not None else self.default_k()
-        ids, stats = self.decode(labels, k, pick, guided, cache or self.default_cache, **kw)
+    def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
+        """Raster ids on `default_cache` -> merged tokens in order of first appearance with `assign` from the
+        Position Cache (`group_by_id`); `steps` and `generator` do not apply to raster decoding."""
+        ids, stats = self.decode(labels, k, pick, guided, self.default_cache, dtype=dtype)
         merged, kk, assign = group_by_id(ids)
         return Sampled(merged, kk, assign, stats)
 
-    default_cache = "sliced"
-
-    def default_k(self) -> int:
+    def seq_len(self, k: int) -> int:
         return self.n_tokens
 
+    @property
+    def train_sequence_len(self) -> int:
+        return self.prefix + self.n_tokens - 1
 
-class PositionCache:
-    """MergeAR's bookkeeping per image, on the host (shared by the CFG halves, which see the same tokens): for each
-    generated position its id's first position (its representative) and its KV slot. A newly sampled id equal to
-    an earlier one is a duplicate. Position e leaves the window of query t when e = t - w; if it is a duplicate
-    its slot goes to the token of step t (so no slot is ever left empty and slots allocated = peak live slots);
-    a representative keeps its slot forever."""
-
-    def __init__(self, batch: int, n: int, prefix: int, window: int) -> None:
-        self.first: list[dict[int, int]] = [{} for _ in range(batch)]
-        self.rep = [[False] * n for _ in range(batch)]
-        self.slot_of = [[-1] * n for _ in range(batch)]
-        self.n_alloc = [prefix] * batch  # slots handed out per image
-        self.window = window
-
-    def record(self, t: int, ids: list[int]) -> None:
-        """Position t got ids (one per image)."""
-        for b, x in enumerate(ids):
-            if x not in self.first[b]:
-                self.first[b][x] = t
-                self.rep[b][t] = True
-
-    def slot_for(self, t: int) -> list[int]:
-        """The KV slot of input position t for each image: the slot of position t - w if that is a duplicate
-        leaving the window, else a new one."""
-        e, out = t - self.window, []
-        for b in range(len(self.n_alloc)):
-            if e >= 0 and not self.rep[b][e]:
-                slot = self.slot_of[b][e]
-            else:
-                slot = self.n_alloc[b]
-                self.n_alloc[b] += 1
-            self.slot_of[b][t] = slot
-            out.append(slot)
-        return out
-
-    def rep_tensor(self, device: torch.device | None = None) -> Tensor:
-        return torch.tensor(self.rep, dtype=torch.bool, device=device)
+    def targets_count(self, batch: dict[str, Tensor]) -> int:
+        return batch["assign"].numel()  # N per item
 
 
 class RasterDecoder:
@@ -182,7 +130,11 @@ class RasterDecoder:
         if capacity is None:
             capacity = min(full, p + self.window + int(k.max()) + 8) if self.compress else full
         self.kv = gen.gpt.new_cache(self.labels.shape[0], capacity, dtype=dtype, static=cache == "static")
-        self.pos = PositionCache(B, N, p, self.window) if self.compress else None
+        self.pos = None
+        if self.compress:
+            from .mergear import PositionCache  # mergear.py builds on this module
+
+            self.pos = PositionCache(B, N, p, self.window)
         self.ids = torch.zeros(B, N, dtype=torch.long, device=dev)
         self.live: list[Tensor] = []
 
@@ -250,6 +202,7 @@ class RasterDecoder:
     def stats(self) -> dict[str, Any]:
         history = torch.stack(self.live)  # (steps, B): slots attended at each step, this step's token included
         return {"peak_live_slots": int(history.max()), "live_history": history, "allocated_slots": self.kv.used,
+                "forward_passes": len(self.live),
                 "capacity": self.kv.capacity, "prefix": self.p, "window": self.window if self.compress else None,
                 "distinct_ids": first_occurrence(self.ids).sum(1).tolist(),
                 "kv_bytes_per_slot": self.kv.nbytes() // max(1, self.kv.capacity)}
@@ -278,71 +231,7 @@ def group_by_id(full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @register
 class LlamaGen(RasterGenerator):
-    """LlamaGen: raster AR over the full N ids with a plain causal mask."""
+    """LlamaGen: raster AR over the full N ids with a plain causal mask; it is not told K."""
 
     name = "llamagen"
-
-
-@register
-class MergeAR(RasterGenerator):
-    """MergeAR: [class, M, x...] with the Eq. 12 training mask and the compressed KV cache at inference."""
-
-    name = "mergear"
-    merge_token = True
-    default_cache = "mergear"
-
-    def __init__(self, gpt_cfg: GPTConfig, window: int | None = None, mask_groups: str = "id",
-                 default_tokens: int | None = None) -> None:
-        super().__init__(gpt_cfg)
-        if mask_groups not in ("id", "source"):
-            raise ValueError(f"mask_groups must be id or source, got {mask_groups!r}")
-        self.window = window if window is not None else self.grid + 1
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        self.mask_groups = mask_groups
-        self.default_tokens = default_tokens
-        self.merge_embed = nn.Embedding(self.grid + 1, gpt_cfg.dim)  # indexed by √K in [1, G]
-        nn.init.normal_(self.merge_embed.weight, std=0.02)
-
-    def options(self) -> dict[str, Any]:
-        return {"window": self.window, "mask_groups": self.mask_groups, "default_tokens": self.default_tokens}
-
-    def default_k(self) -> int:
-        return self.default_tokens or self.n_tokens
-
-    def side_of(self, k: Tensor) -> Tensor:
-        """√K rounded to the nearest grid side in [1, G]."""
-        return k.float().sqrt().round().long().clamp(1, self.grid)
-
-    def prefix_embeds(self, labels: Tensor, k: Tensor) -> Tensor:
-        m = self.merge_embed(self.side_of(k.to(labels.device)))
-        return torch.stack([self.gpt.embed_class(labels), m], dim=1)
-
-    def train_mask(self, full: Tensor, assign: Tensor | None = None) -> Tensor:
-        groups = assign if self.mask_groups == "source" and assign is not None else full
-        return mergear_mask(first_occurrence(groups), self.window, self.prefix)
-
-
-def live_slots(rep: Tensor, window: int, prefix: int) -> Tensor:
-    """Live KV slots of MergeAR decoding at each step t (input x_t), for raster reps (B, N) bool: prefix +
-    representatives among x_0..x_t + duplicates in the window (t - w, t]. Returns (B, N - 1)."""
-    B, N = rep.shape
-    reps = rep[:, : N - 1].long().cumsum(1)
-    nonrep = (~rep[:, : N - 1]).long().cumsum(1)
-    lagged = torch.cat([torch.zeros(B, window, dtype=torch.long, device=rep.device), nonrep], 1)[:, : N - 1]
-    return prefix + reps + nonrep - lagged
-
-
-def analytic_peak_slots(rep: Tensor, window: int, prefix: int) -> Tensor:
-    """Peak live KV slots of MergeAR decoding per image, (B,)."""
-    return live_slots(rep, window, prefix).max(1).values
-
-
-def plain_peak_slots(n_tokens: int, prefix: int) -> int:
-    """Peak KV slots of a full cache: every input token stays."""
-    return prefix + n_tokens - 1
-
-
-def mean_context(rep: Tensor, window: int, prefix: int) -> float:
-    """Mean attended context of MergeAR decoding over steps and images (for reporting)."""
-    return float(live_slots(rep, window, prefix).float().mean())
+    conditions_on_k = False

@@ -54,6 +54,20 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """LLaMA's feed-forward: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.drop(F.silu(self.w1(x)) * self.w3(x)))
+
+
 class MixFFN(nn.Module):
     """fc1 → depthwise 3×3 conv on the token grid → GELU → fc2 (SegFormer's Mix-FFN)."""
 

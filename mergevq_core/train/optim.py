@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainLoopConfig
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: TrainLoopConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then `step` (×0.1 at each fraction of
     `lr_drops`) or `cosine` (to 0 at `total_steps`)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
@@ -28,7 +28,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+def adamw(params: list[nn.Parameter], cfg: TrainLoopConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over `params`; with weight decay only on matrices and kernels (ndim ≥ 2), never on norms,
     biases or LayerScale gammas. Stage 1 uses weight_decay 0 (paper Table A1) so the split only matters when set."""
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]

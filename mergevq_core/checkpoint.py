@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
-from ..fileio import fsync_dir, write_atomic
+from .errors import CheckpointError
+from .fileio import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
@@ -86,13 +86,26 @@ def resolve_checkpoint(path: Path) -> Path:
     return ckpt
 
 
-def read_meta(ckpt: Path) -> dict[str, Any]:
+KIND_NAMES = {"tokenizer": "tokenizer", "ar": "generator"}  # meta.json `kind` -> what a user calls it
+
+
+def read_meta(ckpt: Path, expect_kind: str | None = None, expect_generator: str | None = None,
+              prefix: str = "", hint: str = "") -> dict[str, Any]:
+    """A checkpoint's meta.json, checked: its format version, and (when given) its kind (`tokenizer` or `ar`) and
+    generator name. A mismatch is one `CheckpointError` line, `prefix` before it (e.g. the option that named the
+    checkpoint) and `hint` after it (what to do instead)."""
     try:
         meta = json.loads((Path(ckpt) / "meta.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {ckpt}/meta.json: {e}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{ckpt}: checkpoint format {found} is not {FORMAT_VERSION}")
+    kind = meta.get("kind", "tokenizer")
+    if expect_kind is not None and kind != expect_kind:
+        raise CheckpointError(f"{prefix}{ckpt} is a {kind} checkpoint, not a {KIND_NAMES.get(expect_kind, expect_kind)}{hint}")
+    if expect_generator is not None and meta.get("generator") != expect_generator:
+        raise CheckpointError(f"{prefix}{ckpt} holds a {meta.get('generator')} generator, not {expect_generator}{hint}")
     return meta
 
 

@@ -1,0 +1,169 @@
+"""Run folders and the trained models in them: where a run goes, which run is newest, and loading a tokenizer or
+a generator back from its checkpoint.
+
+A run folder is `runs/<stem>-<time>/` (or `--out`) with `config.json`, `metrics.jsonl` and `checkpoints/`
+(see `checkpoint`). Every command that takes `--ckpt` resolves it here, so a run folder, a checkpoint folder and
+"the newest run of this kind" mean the same everywhere, and every kind check goes through `checkpoint.read_meta`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import checkpoint as ck
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .dist import DistInfo
+    from .generators import Generator
+    from .models import MergeVQTokenizer
+
+__all__ = [
+    "RUNS_DIR", "find_generator_checkpoint", "find_tokenizer_checkpoint", "load_generator", "load_tokenizer",
+    "newest_run", "resume_config", "run_folder", "tokenizer_of_generator",
+]
+
+RUNS_DIR = Path("runs")
+
+
+def newest_run(kind: str, stem: str | None = None, root: Path = RUNS_DIR, generator: str | None = None) -> Path | None:
+    """The most recently checkpointed run folder under `root` of this kind (`tokenizer` or `ar`), recipe stem and
+    generator name, or None."""
+    best, best_t = None, -1.0
+    for pointer in root.glob(f"*/{ck.CKPT_DIR}/latest") if root.is_dir() else []:
+        run = pointer.parent.parent
+        if stem is not None and not run.name.startswith(f"{stem}-") and run.name != stem:
+            continue
+        try:
+            run_cfg = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if run_cfg.get("kind", "tokenizer") != kind:
+            continue
+        if generator is not None and run_cfg.get("generator", {}).get("name") != generator:
+            continue
+        if pointer.stat().st_mtime > best_t:
+            best, best_t = run, pointer.stat().st_mtime
+    return best
+
+
+def run_folder(kind: str, stem: str, out: str | Path | None, resume: bool, dist: DistInfo | None = None) -> Path:
+    """`out`, else (resuming) the newest run of this kind and stem, else `runs/<stem>-<time>`; under DDP every
+    rank gets the folder rank 0 chose."""
+    if out is not None:
+        run_dir = Path(out)
+    elif resume:
+        found = newest_run(kind, stem)
+        if found is None:
+            raise CheckpointError(f"no run of {stem} under {RUNS_DIR}/ to resume (give --out RUN_DIR)")
+        run_dir = found
+    else:
+        run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist is not None and dist.enabled:
+        import torch.distributed as tdist
+
+        box = [str(run_dir)]
+        tdist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
+def resume_config(run_dir: Path, kind: str) -> dict[str, Any] | None:
+    """The raw config a run's latest checkpoint was trained with (None when it has none yet). A checkpoint of
+    another kind is refused: each kind resumes with its own command."""
+    ckpt = ck.latest_checkpoint(run_dir) if Path(run_dir).exists() else None
+    if ckpt is None:
+        return None
+    return ck.read_meta(ckpt, expect_kind=kind, hint=": resume it with its own command")["config"]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
+    """A run folder or checkpoint folder → the checkpoint folder; None → the newest tokenizer run under runs/."""
+    if ckpt is None:
+        run = newest_run("tokenizer")
+        if run is None:
+            raise CheckpointError(
+                f"no tokenizer run under {RUNS_DIR}/: train one with `mergevq train-tokenizer recipes/tiny.yaml` or pass --ckpt"
+            )
+        ckpt = run
+    return ck.resolve_checkpoint(Path(ckpt))
+
+
+def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True) -> tuple[MergeVQTokenizer, Path]:
+    """Rebuild a trained tokenizer from its checkpoint (config from meta.json, EMA weights by default), in eval
+    mode on `device`. Returns (tokenizer, checkpoint folder)."""
+    from .config import config_from_dict
+    from .dist import pick_device
+    from .models import build_tokenizer
+
+    path = find_tokenizer_checkpoint(ckpt)
+    meta = ck.read_meta(path, expect_kind="tokenizer")
+    tok = build_tokenizer(config_from_dict(meta["config"]))
+    ck.load_state_strict(tok, ck.read_tensors(path, "ema" if ema else "tokenizer"), f"{path}")
+    return tok.to(pick_device(device)).eval(), path
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def find_generator_checkpoint(ckpt: str | Path | None, generator: str) -> Path:
+    """A run or checkpoint folder → its checkpoint; None → the newest run of `generator` under runs/."""
+    if ckpt is None:
+        run = newest_run("ar", generator=generator)
+        if run is None:
+            raise CheckpointError(
+                f"no {generator} generator run under {RUNS_DIR}/: train one with "
+                f"`mergevq train-ar recipes/ar/tiny.yaml --shards tokens/tiny --generator {generator}` or pass --ckpt"
+            )
+        ckpt = run
+    return ck.resolve_checkpoint(Path(ckpt))
+
+
+def load_generator(path: Path, device: torch.device | str | None = None,
+                   expect: str | None = None) -> tuple[Generator, dict[str, Any]]:
+    """Rebuild a generator from its checkpoint folder (config from meta.json), in eval mode on `device`; `expect`
+    refuses another generator. Returns (generator, meta)."""
+    from .dist import pick_device
+    from .generators import build_generator
+    from .models.gpt import GPTConfig
+
+    meta = ck.read_meta(path, expect_kind="ar", hint=" (train one with `mergevq train-ar`)")
+    if expect is not None:
+        ck.read_meta(path, expect_generator=expect)
+    try:
+        gen = build_generator(meta["generator"], GPTConfig(**meta["gpt"]), **meta.get("options", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/meta.json does not describe a generator: {e}") from None
+    ck.load_state_strict(gen, ck.read_tensors(path, "generator"), str(path))
+    dev = device if not isinstance(device, (str, type(None))) else pick_device(device)
+    return gen.to(dev).eval(), meta
+
+
+def tokenizer_of_generator(meta: dict[str, Any], override: str | Path | None = None,
+                           device: str | None = None) -> tuple[MergeVQTokenizer, Path]:
+    """The tokenizer a generator was trained on (recorded in its meta.json, checked by weights hash), or
+    `override` if it moved. A recorded checkpoint that was rotated away falls back to its run's latest."""
+    from .fileio import sha256_file
+
+    rec = meta.get("tokenizer", {})
+    where = override or rec.get("checkpoint")
+    if not where:
+        raise CheckpointError("the generator checkpoint does not record its tokenizer: pass --tokenizer RUN")
+    recorded = Path(where)
+    if override is None and not recorded.exists() and recorded.parent.name == ck.CKPT_DIR and recorded.parent.parent.is_dir():
+        where = recorded.parent.parent
+    try:
+        tok, path = load_tokenizer(where, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the generator was trained on tokenizer {rec.get('checkpoint')}; pass --tokenizer RUN if it moved)") from None
+    if rec.get("hash") and sha256_file(path / "ema.safetensors") != rec["hash"]:
+        raise CheckpointError(f"tokenizer {path} is not the one the generator was trained on (weights hash differs)")
+    return tok, path

@@ -1,0 +1,55 @@
+"""Starting a training run: the recipe and its overrides, the process group, the run folder and, on resume, the
+config the run was trained with; then `loop.fit` with the task of that kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..progress import SILENT, Progress
+from .task import TrainTask
+
+__all__ = ["launch", "task_class"]
+
+PATH_SETTINGS = ("data.tokens", "train.init")  # settings given as paths (normalised like `Path` prints them)
+
+
+def task_class(kind: str) -> type[TrainTask]:
+    """The task that trains recipes of `kind`."""
+    from .ar_task import ARTask
+    from .tokenizer_task import TokenizerTask
+
+    tasks: dict[str, type[TrainTask]] = {"tokenizer": TokenizerTask, "ar": ARTask}
+    return tasks[kind]
+
+
+def launch(
+    kind: str, recipe: str | Path, overrides: Sequence[str] = (), settings: dict[str, Any] | None = None, *,
+    out: str | Path | None = None, resume: bool = False, device: str | None = None, progress: Progress = SILENT,
+) -> Any:
+    """Train a recipe of `kind` (`tokenizer` or `ar`). `settings` are `--set` overrides from keyword options
+    (None: not given), applied after `overrides`. The run folder is `out`, else `runs/<stem>-<time>`; with
+    `resume` and no `out`, the newest run of that stem. On resume the run's saved config is used, with the
+    overrides applied on top. Under torchrun every process calls this; returns the task's result."""
+    from ..config import apply_overrides, config_from_dict, load_recipe
+    from ..dist import cleanup, finished, init_distributed
+    from ..runs import resume_config, run_folder
+    from .loop import fit
+
+    task_cls = task_class(kind)
+    extra = list(overrides)
+    for key, value in (settings or {}).items():
+        if value is not None:
+            extra.append(f"{key}={Path(value) if key in PATH_SETTINGS else value}")
+    cfg = load_recipe(recipe, extra, expect=kind)  # validates the recipe even on resume
+    dist = init_distributed(device)
+    try:
+        run_dir = run_folder(kind, task_cls.run_stem(Path(recipe).stem, cfg), out, resume, dist)
+        saved = resume_config(run_dir, kind) if resume else None
+        if saved is not None:
+            cfg = config_from_dict(apply_overrides(saved, extra), kind=kind)
+        result = fit(task_cls(cfg, run_dir, dist), resume=resume, progress=progress)
+        finished()
+        return result
+    finally:
+        cleanup()
