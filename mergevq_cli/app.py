@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .commands import benchmark as benchmark_cmd
+from .commands import evaluate as evaluate_cmd
 from .commands import generate as generate_cmd
 from .commands import info as info_cmd
 from .commands import probe as probe_cmd
@@ -40,6 +41,7 @@ app.command("reconstruct", epilog=reconstruct_cmd.EXAMPLES)(reconstruct_cmd.reco
 app.command("tokenize", epilog=tokenize_cmd.EXAMPLES)(tokenize_cmd.tokenize)
 app.command("generate", epilog=generate_cmd.EXAMPLES)(generate_cmd.generate)
 app.command("probe", epilog=probe_cmd.EXAMPLES)(probe_cmd.probe)
+app.command("evaluate", epilog=evaluate_cmd.EXAMPLES)(evaluate_cmd.evaluate)
 app.add_typer(benchmark_cmd.app, name="benchmark")
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 

@@ -14,14 +14,15 @@ from .runs import find_tokenizer_checkpoint, load_tokenizer
 
 if TYPE_CHECKING:
     from .data.tokenize import TokenizeResult
+    from .eval.gen_metrics import EvalResult
     from .eval.complexity import ARInfo, ModelInfo
     from .eval.probe import ProbeResult
     from .eval.reconstruct import ReconResult
     from .train.ar_task import ARTrainResult
     from .train.tokenizer_task import TrainResult
 
-__all__ = ["find_tokenizer_checkpoint", "load_tokenizer", "model_info", "probe", "reconstruct", "tokenize",
-           "train_ar", "train_tokenizer"]
+__all__ = ["evaluate", "find_tokenizer_checkpoint", "load_tokenizer", "model_info", "probe", "reconstruct",
+           "tokenize", "train_ar", "train_tokenizer"]
 
 
 def model_info(recipe: str | Path, *, tokens: int | None = None, overrides: Sequence[str] = ()) -> ModelInfo | ARInfo:
@@ -112,3 +113,25 @@ def probe(data: str, *, ckpt: str | Path | None = None, tokens: str | int = "all
     tok, path = load_tokenizer(ckpt, device)
     return run_probe(tok, path, data, tokens=tokens, epochs=epochs, lr=lr, n_train=n_train, n_test=n_test, out=out,
                      seed=seed, progress=progress)
+
+
+
+def evaluate(samples: str | Path | None, ref: str | Path, *, save_stats: str | Path | None = None,
+             inception_weights: str | Path | None = None, batch: int = 64, size: int | None = None,
+             count: int | None = None, seed: int = 0, precision_recall: bool = True, workers: int = 0,
+             device: str | None = None, progress: Progress = SILENT) -> EvalResult:
+    """`mergevq evaluate`: gFID, IS and precision / recall of a samples .npz or folder against a reference, both
+    streamed in batches (see `eval.gen_metrics.evaluate_samples`); with `samples` None, only the reference's
+    statistics, saved at `save_stats`. Under torchrun every process calls this and the ranks split the images."""
+    from .dist import cleanup, finished, init_distributed
+    from .eval.gen_metrics import evaluate_samples
+
+    dist = init_distributed(device)
+    try:
+        res = evaluate_samples(samples, ref, weights=inception_weights, batch=batch, seed=seed,
+                               precision_recall=precision_recall, size=size, count=count, save_stats=save_stats,
+                               workers=workers, dist=dist, progress=progress)
+        finished()
+        return res
+    finally:
+        cleanup()

@@ -16,7 +16,7 @@ from mergevq_core.models import build_tokenizer
 from .conftest import ROOT
 
 runner = CliRunner()
-BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate", "probe", "benchmark"]  # commands that exist; the others are not listed until they work
+BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate", "probe", "evaluate", "benchmark"]  # commands that exist; the others are not listed until they work
 
 
 def mergevq(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import torch
 
 from mergevq_core.errors import ConfigError
 from mergevq_core.generators import (
-    GENERATORS, SamplingSettings, analytic_peak_slots, build_generator, default_steps, filter_logits,
+    GENERATORS, SampleNoise, SamplingSettings, analytic_peak_slots, build_generator, default_steps, filter_logits,
     first_occurrence, group_by_id, mergear_mask, plain_peak_slots, randar_schedule, sample_from,
 )
 from mergevq_core.models.gpt import gpt_tiny
@@ -101,14 +101,13 @@ def test_mergear_with_full_window_equals_plain_decoding(guided):
     settings = SamplingSettings(cfg=2.0 if guided else 1.0, top_k=20)
     out = {}
     for cache in ("mergear", "sliced", "static"):
-        gen = torch.Generator().manual_seed(5)
-        out[cache], _ = g.decode(labels, 9, settings.picker(N, gen), guided=guided, cache=cache)
+        out[cache], _ = g.decode(labels, 9, settings.picker(N, SampleNoise.arange(5, 2)), guided=guided, cache=cache)
     assert torch.equal(out["mergear"], out["sliced"]) and torch.equal(out["sliced"], out["static"])
 
 
 def test_same_seed_same_samples_and_generate_outputs():
     g = make("mergear", window=5)
-    pick = lambda: SamplingSettings(temperature=1.0).picker(N, torch.Generator().manual_seed(1))
+    pick = lambda: SamplingSettings(temperature=1.0).picker(N, SampleNoise.arange(1, 2))
     a = g.sample(torch.tensor([1, 2]), 9, pick())
     b = g.sample(torch.tensor([1, 2]), 9, pick())
     assert torch.equal(a.ids, b.ids) and torch.equal(a.assign, b.assign)
@@ -163,8 +162,8 @@ def test_randar_padding_and_parallel_schedule():
         a, _ = g.teacher_logits(ids, k, torch.tensor([0, 1]), order)
         b, _ = g.teacher_logits(ids2, k, torch.tensor([0, 1]), order)
     torch.testing.assert_close(a[0], b[0])
-    res = g.sample(torch.tensor([1, 2, 3]), 16, SamplingSettings().picker(16, torch.Generator().manual_seed(0)),
-                   steps=6, generator=torch.Generator().manual_seed(0))
+    noise = SampleNoise.arange(0, 3)
+    res = g.sample(torch.tensor([1, 2, 3]), 16, SamplingSettings().picker(16, noise), steps=6, noise=noise)
     assert res.ids.shape == (3, 16) and res.assign is None and res.stats["forward_passes"] == 6
     assert sum(res.stats["schedule"]) == 16
 
@@ -230,8 +229,9 @@ def test_sample_through_the_interface(name):
     labels = torch.tensor([1, 2, 3])
     per_batch = []
     for seed in (0, 1):
-        pick = SamplingSettings(top_k=20).picker(g.seq_len(k), torch.Generator().manual_seed(seed))
-        res = g.sample(labels, k, pick, steps=steps, generator=torch.Generator().manual_seed(seed))
+        noise = SampleNoise.arange(seed, 3)
+        pick = SamplingSettings(top_k=20).picker(g.seq_len(k), noise)
+        res = g.sample(labels, k, pick, steps=steps, noise=noise)
         per_batch.append(res.stats)
         assert (res.assign is None) == g.needs_source_recovery
         if res.assign is not None:  # raster: the source re-expands the merged ids to N raster ids, K of them distinct

@@ -19,7 +19,11 @@ Examples:
 
   mergevq generate --class 207 --sampler llamagen --ckpt runs/llamagen-l --cfg 2 --top-k 0 --top-p 1
 
-  mergevq generate --class 0 --class 1 --n 100 --sampler mergear --fid shapes --consistency --json
+  mergevq generate --class 0 --class 1 --per-class 100 --sampler mergear --fid shapes --consistency --json
+
+  torchrun --nproc-per-node 8 -m mergevq_cli generate --classes all --per-class 50 --sampler mergear \\
+      --ckpt runs/mergear-l --cfg 2 --out samples/mergear-50k         # the paper's 50k; run again to resume
+  mergevq evaluate samples/mergear-50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz
 """
 
 
@@ -34,9 +38,11 @@ class _Bar(console.BarProgress):
 
 
 def generate(
-    class_: Annotated[list[int], typer.Option("--class", "-c", help="Class id to sample (repeatable); one grid row each.")],
+    class_: Annotated[Optional[list[int]], typer.Option("--class", "-c", help="Class id to sample (repeatable).")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="More classes: `all`, a range 0-99 or a list 1,5,7.")] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="llamagen, mergear or randar.")] = "mergear",
-    n: Annotated[int, typer.Option("--n", help="Samples per class.")] = 8,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", "--n", help="Samples per class (default 8; the paper: 50).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Samples in all, spread evenly over the classes (instead of --per-class).")] = None,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Generator run or checkpoint (default: the newest run of --sampler).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer run, if it moved since the generator was trained.")] = None,
     cfg: Annotated[str, typer.Option("--cfg", help="Guidance scale (1 = off); one value, or one per sub-token: 1.9,2.0.")] = "1.0",
@@ -48,7 +54,11 @@ def generate(
     steps: Annotated[Optional[int], typer.Option("--steps", help="randar: parallel decoding steps (default 88 for 256 tokens, 64 for 144).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same images.")] = 0,
     batch: Annotated[int, typer.Option("--batch", help="Images decoded together.")] = 64,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: samples/<sampler>-<time>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: samples/<sampler>-<time>); the same command on it again resumes.")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file (the unit of resuming; shards go round-robin to processes).")] = 500,
+    png: Annotated[bool, typer.Option("--png", help="Also write one PNG per sample under images/.")] = False,
+    grid_rows: Annotated[int, typer.Option("--grid-rows", help="Classes shown in grid.png (one row each).")] = 8,
+    grid_cols: Annotated[int, typer.Option("--grid-cols", help="Samples per class shown in grid.png.")] = 8,
     fid: Annotated[Optional[str], typer.Option("--fid", help="gFID against a folder of real images, `shapes`, or an .npz with mu/sigma.")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity Inception weights (needed for IS).")] = None,
     consistency: Annotated[bool, typer.Option("--consistency", help="Score class consistency with a classifier trained on the same data.")] = False,
@@ -56,6 +66,7 @@ def generate(
     json_: JsonOpt = False,
 ) -> None:
     """Sample images of the given classes with LlamaGen, MergeAR or RandAR and decode them with the tokenizer."""
+    from mergevq_core.errors import ConfigError
     from mergevq_core.generation import generate_images
     from mergevq_core.generators import SamplingSettings
 
@@ -69,15 +80,26 @@ def generate(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if per_class is not None and num_samples is not None:
+        raise ConfigError("give either --per-class or --num-samples, not both")
     with _Bar("tok/s", quiet=json_) as bar:
-        res = generate_images(class_, n, sampler, ckpt=ckpt, settings=settings, tokens=tokens, steps=steps, seed=seed,
-                              batch=batch, out=out, device=device, tokenizer=tokenizer, fid=fid,
-                              inception_weights=inception_weights, with_consistency=consistency, progress=bar)
+        res = generate_images(class_ or [], per_class if num_samples is not None else (per_class or 8), sampler,
+                              num_samples=num_samples, class_spec=classes, ckpt=ckpt, settings=settings,
+                              tokens=tokens, steps=steps, seed=seed, batch=batch, out=out, device=device,
+                              tokenizer=tokenizer, fid=fid, inception_weights=inception_weights,
+                              with_consistency=consistency, png=png, grid_rows=grid_rows, grid_cols=grid_cols,
+                              shard_size=shard_size, progress=bar)
+    if not console.is_main_process():
+        return
     if json_:
         console.print_json(res.to_json())
         return
-    rows = [("samples", f"{len(res.images)} ({len(res.classes)} classes × {res.n_per_class}) → {Path(res.grid).parent}"),
-            ("grid", res.grid), ("time", f"{res.wall_s:.2f} s: AR {res.ar_s:.2f} s, tokenizer decode {res.decode_s:.2f} s"),
+    per = f" × {res.n_per_class}" if res.n_per_class is not None else ""
+    kept = f", {res.samples - res.made} kept from before" if res.made < res.samples else ""
+    share = res.other_s / max(res.wall_s, 1e-9)
+    rows = [("samples", f"{res.samples} ({len(res.classes)} classes{per}{kept}) → {res.npz}"),
+            ("grid", res.grid), ("time", f"{res.wall_s:.2f} s: AR {res.ar_s:.2f} s, tokenizer decode {res.decode_s:.2f} s, "
+                                         f"other {res.other_s:.2f} s ({share:.0%})"),
             ("speed", f"{res.tokens_per_s:,.0f} tok/s, {res.images_per_s:.2f} img/s")]
     st = res.stats
     if "peak_cache_slots" in st:  # a compressed cache (mergear) reports its peak
@@ -85,7 +107,8 @@ def generate(
                                  f"(w = {st['window']}); distinct ids {st['distinct_ids']:.1f} "
                                  f"[{st['distinct_ids_min']}, {st['distinct_ids_max']}]"))
     if res.fid is not None:
-        rows.append(("gFID", f"{res.fid['fid']:.2f} ({res.fid['samples']} samples vs {res.fid['reference']})"))
+        pr = f"; precision {res.fid['precision']:.3f}, recall {res.fid['recall']:.3f}" if res.fid.get("precision") is not None else ""
+        rows.append(("gFID", f"{res.fid['fid']:.2f} ({res.fid['samples']} samples vs {res.fid['reference']}{pr})"))
         isc = res.inception_score or {}
         rows.append(("Inception Score", f"{isc['mean']:.2f} ± {isc['std']:.2f}" if isc.get("available") else f"unavailable: {isc.get('reason')}"))
     if res.consistency is not None:

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from ..generators import (
-    MergeAR, RasterDecoder, SamplingSettings, analytic_peak_slots, first_occurrence, mean_context, sample_from,
+    MergeAR, RasterDecoder, SampleNoise, SamplingSettings, analytic_peak_slots, first_occurrence, mean_context,
 )
+from ..generators.sampling import Pick
 from ..models.gpt import GPT_SIZES, GPTConfig
 from .timing import environment, peak_bandwidth, quantiles, sync, timed
 
@@ -123,12 +124,12 @@ def _model(name: str, n: int, window: int | None, device: torch.device, dtype: t
     return MergeAR(cfg, window=window).to(device=device, dtype=dtype).eval()
 
 
-def _pick_forced(gen: Any, ids: Tensor, g: torch.Generator, rows: int) -> Callable[[int, int, Tensor], Tensor]:
-    """Draw a sample like a real sampler (the cost is real), feed the forced id."""
+def _pick_forced(gen: Any, ids: Tensor, draw: Pick, rows: int) -> Pick:
+    """Draw a sample with the real sampler `draw` (the cost is real), feed the forced id."""
     subs = gen.gpt.split_ids(ids)
 
     def pick(t: int, i: int, logits: Tensor) -> Tensor:
-        sample_from(logits, 1.0, 0, 1.0, g)
+        draw(t, i, logits)
         sub = subs[i][:, t]
         return sub.repeat(rows // sub.shape[0]) if rows != sub.shape[0] else sub
 
@@ -209,10 +210,11 @@ def bench_kv_cache(
     return rows_out, {"model": model if ckpt_path is None else str(ckpt_path), "cfg": cfg, **env}
 
 
-def _picker(gen, c, n, rows, cfg, g):
-    if c["ids"] is not None:
-        return _pick_forced(gen, c["ids"], g, rows)
-    return SamplingSettings(cfg=2.0 if cfg else 1.0).picker(n, g)
+def _picker(gen, c, n, rows, cfg, seed, labels):
+    """The real sampler (CFG 2 when `cfg`) with per-sample noise of `seed`; it feeds the forced ids if any."""
+    noise = SampleNoise.arange(seed, len(labels), device=labels.device)
+    draw = SamplingSettings(cfg=2.0 if cfg else 1.0).picker(n, noise)
+    return draw if c["ids"] is None else _pick_forced(gen, c["ids"], draw, rows)
 
 
 def _memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed) -> dict[str, Any]:
@@ -221,9 +223,8 @@ def _memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed) -> dict[str, Any]
     p = gen.prefix
     measured = p + n - 1
     if c["cache"] == "mergear":
-        g = torch.Generator(device=dev).manual_seed(seed)
         dec = RasterDecoder(gen, labels, c["k"], cfg, "mergear", w, dtype)
-        pick = _picker(gen, c, n, rows, cfg, g)
+        pick = _picker(gen, c, n, rows, cfg, seed, labels)
         with torch.no_grad():
             dec.prefill(pick)
             for t in range(n - 1):
@@ -241,10 +242,9 @@ def _memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed) -> dict[str, Any]
 
 def _time_one(gen, labels, c, n, rows, w, cfg, segment, dev, dtype, seed, r, total):
     """Seconds per token of one timed run (a stratified segment, or a whole generation) and its decoder."""
-    g = torch.Generator(device=dev).manual_seed(seed + r)
     seg = segment if segment and segment < n - 1 else 0
     dec = RasterDecoder(gen, labels, c["k"], cfg, c["cache"], w, dtype)
-    pick = _picker(gen, c, n, rows, cfg, g)
+    pick = _picker(gen, c, n, rows, cfg, seed + r, labels)
     with torch.no_grad():
         dec.prefill(pick)
         if not seg:

@@ -73,7 +73,7 @@ def bench_ar(recipe: str | Path, *, batch: int = 16, runs: int = 10, warmups: in
 
     from ..config import load_ar_config
     from ..dist import pick_device
-    from ..generators import SamplingSettings, build_generator
+    from ..generators import SampleNoise, SamplingSettings, build_generator
     from ..models.gpt import gpt_config_from_recipe
 
     dev = pick_device(device)
@@ -110,13 +110,13 @@ def bench_ar(recipe: str | Path, *, batch: int = 16, runs: int = 10, warmups: in
         seq = gen.seq_len(k)
         gen.eval()
         labels = batch_t["label"]
-        pick = SamplingSettings(cfg=2.0).picker(seq, torch.Generator(device=dev).manual_seed(0))
+        noise = SampleNoise.arange(0, len(labels), device=dev)
+        pick = SamplingSettings(cfg=2.0).picker(seq, noise)
         dt = torch.bfloat16 if dev.type == "cuda" else None
 
         def sample() -> dict[str, Any]:
             with torch.no_grad(), autocast:
-                return gen.sample(labels, k, pick, True, steps=steps,
-                                  generator=torch.Generator(device=dev).manual_seed(0), dtype=dt).stats
+                return gen.sample(labels, k, pick, True, steps=steps, noise=noise, dtype=dt).stats
 
         passes = sample()["forward_passes"]
         t_sample = quantiles([timed(sample, dev) for _ in range(max(3, runs // 3))])

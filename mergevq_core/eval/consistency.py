@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -175,11 +175,26 @@ def references_at(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, devi
 def consistency(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> dict[str, Any]:
     """Fraction of samples (float [-1, 1] (M, 3, H, W)) classified as the class they were generated for, overall
     and per class."""
-    acc = []
+    return consistency_of_chunks(model, [(images, labels)], device)
+
+
+def consistency_of_chunks(model: nn.Module, chunks: Iterable[tuple[Any, Any]], device: torch.device) -> dict[str, Any]:
+    """`consistency` over samples that arrive in chunks (memory flat in their number): each chunk is float [-1, 1]
+    (M, 3, H, W) images, or uint8 (M, H, W, 3) arrays as a samples file holds them, with their labels (M,)."""
+    hits: dict[int, int] = {}
+    counts: dict[int, int] = {}
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(images[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(images), 512)])
-    hit = pred == labels
-    for c in sorted(set(labels.tolist())):
-        acc.append((c, float(hit[labels == c].float().mean())))
-    return {"consistency": float(hit.float().mean()), "per_class": {str(c): a for c, a in acc}, "samples": len(labels)}
+        for images, labels in chunks:
+            images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
+            if images.dtype == torch.uint8:  # (M, H, W, 3) → [-1, 1] (M, 3, H, W)
+                images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+            for i in range(0, len(images), 512):
+                pred = model(images[i:i + 512].to(device)).argmax(1).cpu()
+                lab = labels[i:i + 512]
+                for c, h in zip(lab.tolist(), (pred == lab).tolist()):
+                    hits[c] = hits.get(c, 0) + int(h)
+                    counts[c] = counts.get(c, 0) + 1
+    total = sum(counts.values())
+    return {"consistency": sum(hits.values()) / max(total, 1),
+            "per_class": {str(c): hits[c] / counts[c] for c in sorted(counts)}, "samples": total}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.gpt import GPT, GPTConfig
+from .noise import SampleNoise
 from .sampling import Pick
 
 __all__ = ["GENERATORS", "Generator", "Sampled", "build_generator", "first_occurrence", "register"]
@@ -137,10 +138,11 @@ class Generator(nn.Module):
         return k if self.conditions_on_k else tokenizer_keep
 
     def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
-               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
+               noise: SampleNoise | None = None, dtype: torch.dtype | None = None) -> Sampled:
         """Merged tokens for labels (B,) at K = k (from `check_k`). `pick(t, i, logits)` chooses sub-token i of
-        target t (see `SamplingSettings.picker`), `guided` doubles the rows for CFG, `steps` and `generator` (the
-        decoding order) matter to RandAR only, `dtype` is the KV cache's. `stats["forward_passes"]` is always set."""
+        target t (see `SamplingSettings.picker`), `guided` doubles the rows for CFG, `steps` and `noise` (the
+        per-sample noise of the decoding order; None: seed 0 and samples 0..B-1) matter to RandAR only, `dtype` is
+        the KV cache's. `stats["forward_passes"]` is always set."""
         raise NotImplementedError
 
     def summarize_stats(self, per_batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

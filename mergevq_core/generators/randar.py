@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..models.gpt import GPTConfig, Logits
 from ..nn.rope import apply_rope
 from .base import Generator, Sampled, register
+from .noise import ORDER_STREAM, SampleNoise
 from .sampling import Pick, randar_schedule
 
 __all__ = ["RandAR", "default_steps"]
@@ -110,14 +111,20 @@ class RandAR(Generator):
         return self.gpt.logits(h, targets.clamp_min(0)), targets
 
     @staticmethod
-    def random_order(k: Tensor, kmax: int, generator: torch.Generator | None = None) -> Tensor:
-        """(B, kmax): a uniform random permutation of each row's k slots, followed by its padding slots."""
+    def random_order(k: Tensor, kmax: int, source: torch.Generator | SampleNoise | None = None) -> Tensor:
+        """(B, kmax): a uniform random permutation of each row's k slots, followed by its padding slots. `source`:
+        a torch.Generator (training: torch.rand on its device) or a `SampleNoise` (sampling: the keys of row b are
+        `uniform(ORDER_STREAM, 0, (kmax,))` of sample index[b], so the order does not depend on the batch; a stable
+        sort breaks the rare tie by slot)."""
         B = k.shape[0]
-        keys = torch.rand(B, kmax, generator=generator, device=generator.device if generator is not None else "cpu")
-        keys = keys.to(k.device)
+        if isinstance(source, SampleNoise):
+            keys = source.uniform(ORDER_STREAM, 0, (kmax,)).to(k.device)
+        else:
+            keys = torch.rand(B, kmax, generator=source, device=source.device if source is not None else "cpu")
+            keys = keys.to(k.device)
         pad = torch.arange(kmax, device=k.device)[None] >= k[:, None]
         keys = torch.where(pad, 2.0 + torch.arange(kmax, device=k.device, dtype=keys.dtype)[None], keys)
-        return keys.argsort(1)
+        return keys.argsort(dim=1, stable=True) if isinstance(source, SampleNoise) else keys.argsort(1)
 
     def training_logits(self, batch: dict[str, Tensor], generator: torch.Generator | None = None):
         ids, k = batch["ids"], batch["k"]
@@ -187,12 +194,13 @@ class RandAR(Generator):
 
     @torch.no_grad()
     def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
-               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
-        """K merged ids in a random slot order drawn from `generator`, decoded in `steps` parallel steps (None: the
-        default count for K; `steps=k` is one token per step); `assign` is left to the tokenizer's source
-        recovery model."""
+               noise: SampleNoise | None = None, dtype: torch.dtype | None = None) -> Sampled:
+        """K merged ids in a random slot order drawn from `noise` (None: seed 0, samples 0..B-1), decoded in `steps`
+        parallel steps (None: the default count for K; `steps=k` is one token per step); `assign` is left to the
+        tokenizer's source recovery model."""
         B = labels.shape[0]
-        order = self.random_order(torch.full((B,), k, device=labels.device), k, generator)
+        noise = noise if noise is not None else SampleNoise.arange(0, B, device=labels.device)
+        order = self.random_order(torch.full((B,), k, device=labels.device), k, noise)
         steps = default_steps(k) if steps is None else steps
         ids, stats = self.decode(labels, k, order, pick, guided, steps, dtype)
         return Sampled(ids, torch.full((B,), k, dtype=torch.long, device=labels.device), None, stats)

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..models.gpt import GPTConfig, Logits
 from ..nn.rope import grid_positions
 from .base import Generator, Sampled, first_occurrence, register
+from .noise import SampleNoise
 from .sampling import Pick
 
 __all__ = ["CACHES", "LlamaGen", "RasterDecoder", "RasterGenerator", "group_by_id"]
@@ -90,9 +91,9 @@ class RasterGenerator(Generator):
 
     @torch.no_grad()
     def sample(self, labels: Tensor, k: int, pick: Pick, guided: bool = False, *, steps: int | None = None,
-               generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Sampled:
+               noise: SampleNoise | None = None, dtype: torch.dtype | None = None) -> Sampled:
         """Raster ids on `default_cache` -> merged tokens in order of first appearance with `assign` from the
-        Position Cache (`group_by_id`); `steps` and `generator` do not apply to raster decoding."""
+        Position Cache (`group_by_id`); `steps` and `noise` do not apply to raster decoding (the picker draws)."""
         ids, stats = self.decode(labels, k, pick, guided, self.default_cache, dtype=dtype)
         merged, kk, assign = group_by_id(ids)
         return Sampled(merged, kk, assign, stats)

@@ -1,8 +1,12 @@
 """Sampling from logits: temperature, top-k, top-p, classifier-free guidance, and RandAR's decoding schedule.
 
-Every draw takes an explicit `torch.Generator`, so the same seed gives the same samples. With CFG the batch holds
-2B rows, the B conditional ones first; `SamplingSettings.picker` returns the `pick(t, i, logits)` callback that
-the generators' decoders call for target position t and sub-token i.
+`SamplingSettings.picker(total, noise)` returns the `pick(t, i, logits)` callback that the generators' decoders
+call for target position t and sub-token i. It draws by Gumbel-max with per-sample noise (`noise.SampleNoise`):
+argmax(filtered logits / temperature + Gumbel(seed, sample index, stream 1 + i, step t)), an exact draw from the
+filtered softmax whose randomness depends on the sample's index only, so a sample is the same at any batch size
+and on any number of processes, and the draw is one batched device operation. With CFG the batch holds 2B rows,
+the B conditional ones first, and the noise covers those B. `sample_from` still draws from a `torch.Generator`
+for callers that want one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Pick", "SamplingSettings", "cfg_scale_at", "filter_logits", "guide", "randar_schedule", "sample_from"]
+from .noise import SampleNoise, sub_token_stream
+
+__all__ = [
+    "Pick", "SamplingSettings", "cfg_scale_at", "draw_from", "filter_logits", "guide", "randar_schedule", "sample_from",
+]
 
 Pick = Callable[[int, int, Tensor], Tensor]  # (target position t, sub-token i, logits (R, V)) -> ids (R,)
 
@@ -56,16 +64,17 @@ class SamplingSettings:
         scales = self.cfg if isinstance(self.cfg, tuple) else (self.cfg,)
         return any(s != 1.0 for s in scales)
 
-    def picker(self, total: int, generator: torch.Generator | None) -> Pick:
-        """pick(t, i, logits): guide (if CFG), filter and draw; returns ids for every row (both CFG halves)."""
+    def picker(self, total: int, noise: SampleNoise) -> Pick:
+        """pick(t, i, logits): guide (if CFG), filter and draw with `noise` (one row per sample: the B conditional
+        rows under CFG) at stream `sub_token_stream(i)`, step t; returns ids for every row (both CFG halves)."""
         guided = self.guided
 
         def pick(t: int, i: int, logits: Tensor) -> Tensor:
             if guided:
                 scale = cfg_scale_at(_per_sub(self.cfg, i), self.cfg_schedule, t, total)
                 logits = guide(logits, scale)
-            ids = sample_from(logits, _per_sub(self.temperature, i), int(_per_sub(self.top_k, i)),
-                              _per_sub(self.top_p, i), generator)
+            ids = draw_from(logits, noise, sub_token_stream(i), t, _per_sub(self.temperature, i),
+                            int(_per_sub(self.top_k, i)), _per_sub(self.top_p, i))
             return torch.cat([ids, ids]) if guided else ids
 
         return pick
@@ -100,12 +109,30 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def _tempered(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Logits divided by the temperature (none at 0, which is greedy), then top-k / top-p filtered."""
+    return filter_logits(logits / max(temperature, 1e-5) if temperature else logits, top_k, top_p)
+
+
+def draw_from(logits: Tensor, noise: SampleNoise, stream: int, step: int | Tensor, temperature: float = 1.0,
+              top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """One id per row of logits (B, V), row b drawn with noise row b: argmax(filtered + Gumbel), i.e. exactly
+    categorical from the filtered softmax; temperature 0 is greedy (no noise)."""
+    filtered = _tempered(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return filtered.argmax(-1)
+    if len(noise) != filtered.shape[0]:
+        raise ValueError(f"noise has {len(noise)} rows for {filtered.shape[0]} rows of logits")
+    g = noise.gumbel(stream, step, (filtered.shape[-1],)).to(filtered.device)
+    return (filtered + g).argmax(-1)
+
+
 def sample_from(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
-    """One id per row of logits (R, V); temperature 0 is greedy."""
+    """One id per row of logits (R, V) drawn from a torch.Generator; temperature 0 is greedy."""
     if temperature == 0:
-        return filter_logits(logits, top_k, top_p).argmax(-1)
-    probs = filter_logits(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+        return _tempered(logits, 0, top_k, top_p).argmax(-1)
+    probs = _tempered(logits, temperature, top_k, top_p).softmax(-1)
     if generator is not None and generator.device != probs.device:
         # draw on the generator's device so the same seed gives the same ids on CPU and GPU
         return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
