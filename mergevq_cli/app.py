@@ -58,7 +58,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         console.error(str(e))
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))  # TrainingInterrupted: 75 (EX_TEMPFAIL), a clean stop to resume
     except KeyboardInterrupt:
         console.error("interrupted")
         sys.exit(130)

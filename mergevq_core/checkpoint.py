@@ -54,7 +54,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(root / "latest", json.dumps({"step": step, "dir": final.name}).encode())
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+    others = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)  # never the one `latest` names
+    for old in others[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -32,6 +32,26 @@ def test_keeps_only_the_newest(tmp_path):
     assert sorted(p.name for p in (tmp_path / ck.CKPT_DIR).glob("step_*")) == ["step_0000003", "step_0000004"]
 
 
+def test_pruning_never_deletes_the_checkpoint_latest_points_to(tmp_path):
+    _save(tmp_path, 8)  # a later step left behind, e.g. by a crash before `latest` moved
+    path = _save(tmp_path, 5, keep_last=1)  # a resume of step 4 that saved step 5
+    assert ck.latest_checkpoint(tmp_path) == path and path.is_dir()
+    assert [p.name for p in (tmp_path / ck.CKPT_DIR).glob("step_*")] == ["step_0000005"]
+
+
+def test_configs_saved_before_the_preemption_fields_still_load():
+    from mergevq_core.config import config_from_dict, config_to_dict, load_recipe
+
+    from .conftest import ROOT
+
+    for recipe, kind in (("recipes/tiny.yaml", None), ("recipes/ar/tiny.yaml", "ar")):
+        old = config_to_dict(load_recipe(ROOT / recipe))
+        for key in ("ckpt_minutes", "keep_checkpoints"):
+            del old["train"][key]
+        cfg = config_from_dict(old, kind=kind)
+        assert cfg.train.ckpt_minutes is None and cfg.train.keep_checkpoints == 2
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     good = _save(tmp_path, 5)
 

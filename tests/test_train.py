@@ -1,9 +1,11 @@
-"""Stage-1 training: exact resume after SIGKILL, torchrun with gloo, checks before the first step, NaN guard."""
+"""Stage-1 training: exact resume after SIGKILL, a clean stop on SIGTERM / SIGINT, torchrun with gloo, checks
+before the first step, NaN guard, checkpoint cadences."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 from mergevq_core.api import train_tokenizer
 from mergevq_core.errors import ConfigError
 from mergevq_core.checkpoint import latest_checkpoint, read_meta
+from mergevq_core.train.preempt import EXIT_PREEMPTED
 
 from .conftest import FAST_TRAIN, ROOT, set_args
 
@@ -79,6 +82,28 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert json.loads(res.stdout)["steps"] == 3  # only rank 0 prints
 
 
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tmp_path):
+    out, steps = tmp_path / "ddp", 40
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+           "-m", "mergevq_cli", *train_args(out, steps, "--set", "train.batch_size=8", "--set", "train.ckpt_every=1000")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_a_logged_step(out, p)
+    t = time.time()
+    p.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = p.communicate(timeout=120)
+    assert time.time() - t < 25, err[-3000:]  # well before torchrun's 30 s SIGKILL: no rank waited in a collective
+    meta = read_meta(latest_checkpoint(out))
+    assert meta["world_size"] == 2 and meta["step"] < steps
+    assert f"interrupted by SIGTERM at step {meta['step']}: checkpoint" in err, err[-3000:]
+    assert len(read_train_state_data(latest_checkpoint(out))) == 2  # both ranks' data positions were gathered
+
+
+def read_train_state_data(ckpt: Path) -> list:
+    from mergevq_core.checkpoint import read_train_state
+
+    return read_train_state(ckpt)["data"]
+
+
 @pytest.mark.parametrize("recipe, needles", [
     ("g", ["data.root", "model.encoder.dinov2_weights", "loss.vgg_weights", "loss.teacher_weights"]),
     ("gr", ["data.root", "model.encoder.dinov2_weights"]),
@@ -131,3 +156,85 @@ def test_run_folder_contents(tmp_path):
     assert res.steps == 4 and set(res.psnr_by_tokens) == {16, 64} and res.psnr == res.psnr_by_tokens[64]
     assert res.final_losses["total"] > 0
     assert 0 < res.codebook_usage <= 1 and 0 <= res.source_recovery_acc <= 1
+
+
+def wait_for_a_logged_step(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = run / "metrics.jsonl"
+        if path.exists() and any('"loss"' in line for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run logged no step in time")
+
+
+def stop_with(sig: int, proc: subprocess.Popen, run: Path, steps: int) -> tuple[int, str]:
+    """Send `sig` once the run logged a step; check the clean stop; return (its step, its stderr line)."""
+    wait_for_a_logged_step(run, proc)
+    t = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    took = time.time() - t
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == EXIT_PREEMPTED and len(lines) == 1, err
+    at = read_meta(latest_checkpoint(run))["step"]
+    assert at < steps, "the run finished before the signal"
+    name = signal.Signals(sig).name
+    assert f"interrupted by {name} at step {at}: checkpoint {run / 'checkpoints' / f'step_{at:07d}'}" in lines[0], lines[0]
+    assert f"--resume (--out {run})" in lines[0] and took < 60, (lines[0], took)
+    return at, lines[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted 12-step CLI run and its --json result."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    p = cli(*train_args(run, 12))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    return run, json.loads(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_with_a_checkpoint_and_resume_continues_exactly(tmp_path, full_run, sig):
+    steps, run = 12, tmp_path / "stopped"
+    at, _ = stop_with(sig, cli(*train_args(run, steps, "--set", "train.ckpt_every=1000")), run, steps)
+    resumed = cli(*train_args(run, steps, "--resume"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["resumed_from"] == at
+    a, b = rows(full_run[0]), rows(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    after = [(x, y) for x, y in zip(a, b) if x["step"] > at]
+    assert after and all(comparable(x) == comparable(y) for x, y in after)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, full_run):
+    run = tmp_path / "done"
+    shutil.copytree(full_run[0], run)
+    before = (run / "metrics.jsonl").read_text()
+    folders = sorted(p.name for p in (run / "checkpoints").iterdir())
+    p = cli(*train_args(run, 12, "--resume"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    res = json.loads(out)
+    assert (run / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == folders
+    assert res["steps"] == res["resumed_from"] == 12
+    same = ("psnr", "psnr_by_tokens", "codebook_usage", "source_recovery_acc", "final_losses", "steps")
+    assert {k: res[k] for k in same} == {k: full_run[1][k] for k in same}
+    p = cli(*[a for a in train_args(run, 12, "--resume") if a != "--json"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "already finished at step 12" in out, out + err
+
+
+def test_keep_checkpoints_and_the_minutes_cadence(tmp_path, monkeypatch):
+    from mergevq_core import checkpoint
+
+    saved, real = [], checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda run, step, *a, **kw: saved.append(step) or real(run, step, *a, **kw))
+    extra = ("train.ckpt_every=1000", "train.ckpt_minutes=1e-6", "train.keep_checkpoints=1")
+    train_tokenizer(ROOT / "recipes/tiny.yaml", (*FAST_TRAIN, *extra), out=tmp_path / "r", max_steps=3, device="cpu")
+    assert saved == [1, 2, 3]  # the time cadence: every step here
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")] == ["step_0000003"]
+    assert read_meta(latest_checkpoint(tmp_path / "r"))["step"] == 3

@@ -1,5 +1,5 @@
-"""Stage-2 training on synthetic token shards: every generator learns, exact resume after SIGKILL, torchrun with
-gloo, and one-line errors for recipes and shards that do not fit."""
+"""Stage-2 training on synthetic token shards: every generator learns, exact resume after SIGKILL and after a
+clean stop on SIGINT, torchrun with gloo, and one-line errors for recipes and shards that do not fit."""
 
 from __future__ import annotations
 
@@ -115,6 +115,25 @@ def test_resume_after_sigkill_continues_exactly(tmp_path, shards):
     _, err = full.communicate(timeout=300)
     assert full.returncode == 0, err
     a, b = rows(tmp_path / "full"), rows(tmp_path / "killed")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")}
+    after = [(x, y) for x, y in zip(a, b) if x["step"] > at]
+    assert after and all(strip(x) == strip(y) for x, y in after)  # losses, lr, validation loss
+
+
+def test_sigint_stops_with_a_checkpoint_and_resume_continues_exactly(tmp_path, shards):
+    from .test_train import stop_with
+
+    steps, run = 40, tmp_path / "stopped"
+    full = cli(*args(shards, tmp_path / "full", steps))
+    at, _ = stop_with(signal.SIGINT, cli(*args(shards, run, steps, "--set", "train.ckpt_every=1000")), run, steps)
+    resumed = cli(*args(shards, run, steps, "--resume"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["resumed_from"] == at
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+    a, b = rows(tmp_path / "full"), rows(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")}
     after = [(x, y) for x, y in zip(a, b) if x["step"] > at]

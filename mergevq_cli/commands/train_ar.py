@@ -9,7 +9,7 @@ import typer
 
 from .. import console
 from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, RecipeArg, ResumeOpt, SeedOpt, SetOpt
-from .train_tokenizer import TrainBar
+from .train_tokenizer import TrainBar, steps_text
 
 EXAMPLES = """
 Examples:
@@ -75,7 +75,7 @@ def train_ar(
     console.table("validation loss (cross-entropy per token, nats)", ["step", "val loss"], rows)
     console.kv("summary", [
         ("run", res.run_dir), ("generator", res.generator),
-        ("steps", f"{res.steps}" + (f" (resumed at {res.resumed_from})" if res.resumed_from is not None else "")),
+        ("steps", steps_text(res)),
         ("time", f"{res.wall_s:.0f} s, {res.tokens_per_s:,.0f} tok/s"),
         ("validation loss", f"{hist[0][1]:.4f} → {res.val_loss:.4f}" if hist else f"{res.val_loss:.4f}"),
         ("tokenizer", res.tokenizer["checkpoint"]), ("checkpoint", res.checkpoint),

@@ -54,6 +54,13 @@ def _eval_line(step: int, res: dict[str, Any]) -> str:
             + (f"; source recovery {acc:.3f}" if acc is not None else ""))
 
 
+def steps_text(res: Any) -> str:
+    """The summary's steps: a resume of a finished run says so (it changed nothing)."""
+    if res.resumed_from is not None and res.resumed_from >= res.steps:
+        return f"{res.steps} (already finished at step {res.steps}: nothing done)"
+    return f"{res.steps}" + (f" (resumed at {res.resumed_from})" if res.resumed_from is not None else "")
+
+
 def train_tokenizer(
     recipe: RecipeArg, out: OutOpt = None, resume: ResumeOpt = False, max_steps: MaxStepsOpt = None,
     set_: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = "auto", json_: JsonOpt = False,
@@ -73,7 +80,7 @@ def train_tokenizer(
     console.table("held-out PSNR (dB), EMA weights", ["tokens", "PSNR"], rows)
     acc = res.source_recovery_acc
     console.kv("summary", [
-        ("run", res.run_dir), ("steps", f"{res.steps}" + (f" (resumed at {res.resumed_from})" if res.resumed_from is not None else "")),
+        ("run", res.run_dir), ("steps", steps_text(res)),
         ("time", f"{res.wall_s:.0f} s, {res.img_per_s:.1f} img/s"), ("PSNR @ K=N", f"{res.psnr:.2f} dB"),
         ("codebook usage", f"{res.codebook_usage:.3f}"), ("source recovery acc", "-" if acc is None else f"{acc:.3f}"),
         ("checkpoint", res.checkpoint), ("pictures", f"{res.run_dir}/preview.png, {res.run_dir}/loss_curve.png"),

@@ -28,6 +28,8 @@ class TrainLoopConfig:
     log_every: int = 50
     eval_every: int = 2000
     ckpt_every: int = 2000
+    ckpt_minutes: float | None = None  # also checkpoint when this many minutes passed since the last one (None: off)
+    keep_checkpoints: int = 2  # step folders kept in checkpoints/ (the newest, which `latest` points to, always)
 
     def __post_init__(self) -> None:
         _one_of(self.schedule, "train.schedule", ("step", "cosine"))
@@ -39,3 +41,5 @@ class TrainLoopConfig:
         for name in ("log_every", "eval_every", "ckpt_every", "epochs"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.ckpt_minutes is None or self.ckpt_minutes > 0, "train.ckpt_minutes must be > 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")

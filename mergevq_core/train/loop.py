@@ -26,9 +26,10 @@ from ..dist import DistInfo, all_reduce_mean
 from ..errors import CheckpointError, ConfigError, DataError, MergeVQError
 from ..progress import SILENT, Progress
 from .optim import lr_at, set_lr
+from .preempt import StopSignals, TrainingInterrupted
 from .task import EvalHook, MicroStep, RunSummary, TrainTask
 
-__all__ = ["BatchStream", "TrainingDiverged", "fit", "gather_per_rank", "this_rank"]
+__all__ = ["BatchStream", "TrainingDiverged", "TrainingInterrupted", "fit", "gather_per_rank", "this_rank"]
 
 
 class TrainingDiverged(MergeVQError):
@@ -128,13 +129,17 @@ class MetricsLog:
 def fit(task: TrainTask, *, resume: bool = False, progress: Progress = SILENT,
         eval_hooks: list[EvalHook] | None = None) -> Any:
     """Train `task` in its run folder to `train.max_steps` (else `train.epochs`), continuing its latest
-    checkpoint with `resume`. Progress calls and evaluation happen on rank 0 only. Returns `task.result(...)`."""
-    return _Loop(task, resume, progress, task.eval_hooks() if eval_hooks is None else eval_hooks).run()
+    checkpoint with `resume`. Progress calls and evaluation happen on rank 0 only. Returns `task.result(...)`.
+    SIGTERM / SIGINT / SIGUSR1 stop it after the current step with a checkpoint (`TrainingInterrupted`); resuming
+    a finished run changes nothing and returns its result."""
+    with StopSignals(task.dist, task.cfg.train.ckpt_minutes) as stop:
+        return _Loop(task, resume, progress, task.eval_hooks() if eval_hooks is None else eval_hooks, stop).run()
 
 
 class _Loop:
-    def __init__(self, task: TrainTask, resume: bool, progress: Progress, eval_hooks: list[EvalHook]) -> None:
-        self.task, self.progress, self.eval_hooks = task, progress, eval_hooks
+    def __init__(self, task: TrainTask, resume: bool, progress: Progress, eval_hooks: list[EvalHook],
+                 stop: StopSignals) -> None:
+        self.task, self.progress, self.eval_hooks, self.stop = task, progress, eval_hooks, stop
         cfg, dist = task.cfg, task.dist
         tc = self.tc = cfg.train
         self.dist, self.run_dir = dist, task.run_dir
@@ -200,6 +205,8 @@ class _Loop:
         self.t0 = time.perf_counter()
         t_log, count_log = self.t0, self.count
         self.last_path = self.ckpt
+        finished = self.ckpt is not None and self.step >= self.total  # resumed at the end: nothing to do
+        self.stop.saved()
         task.model.train()
         while self.step < self.total:
             lr = lr_at(self.step, tc, self.total)
@@ -223,11 +230,22 @@ class _Loop:
                     self.progress.log(row)
             if dist.is_main and (self.step % tc.eval_every == 0 or last):
                 self._evaluate(self.step)
-            if self.step % tc.ckpt_every == 0 or last:
+            saved = self.step % tc.ckpt_every == 0 or last
+            if saved:
                 self.last_path = self._save()
+            if last:
+                break
+            stop, due = self.stop.poll()  # every rank: any rank's signal, rank 0's checkpoint clock
+            if (stop or due) and not saved:
+                self.last_path = self._save()
+            if stop:
+                raise TrainingInterrupted(
+                    f"interrupted by {self.stop.name()} at step {self.step}: checkpoint "
+                    f"{self.run_dir / ck.CKPT_DIR / f'step_{self.step:07d}'}; continue with the same command and "
+                    f"--resume (--out {self.run_dir})")
 
         wall = time.perf_counter() - self.t0
-        if dist.is_main and task.last_eval_step != self.step:  # e.g. resumed at the end
+        if dist.is_main and not finished and task.last_eval_step != self.step:
             self._evaluate(self.step)
         return task.result(RunSummary(
             run_dir=self.run_dir, steps=self.step, wall_s=wall,
@@ -307,4 +325,6 @@ class _Loop:
             return self.run_dir
         meta = {"kind": task.kind, **task.meta(), "config": config_to_dict(task.cfg), "world_size": dist.world_size,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return ck.save_checkpoint(self.run_dir, self.step, tensors, state, meta)
+        path = ck.save_checkpoint(self.run_dir, self.step, tensors, state, meta, keep_last=self.tc.keep_checkpoints)
+        self.stop.saved()
+        return path

@@ -95,7 +95,7 @@ class TokenizerTask(TrainTask):
         super().__init__(cfg, run_dir, dist)
         self.align = _uses_align(cfg)
         self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
-        self.last_eval: dict[str, Any] | None = None  # of this process (not restored: a resumed run evaluates anew)
+        self.last_eval: dict[str, Any] | None = None  # restored from meta.json; a resumed run still evaluates anew
         self.last_eval_at: int | None = None
         self.held_out: Tensor | None = None
 
@@ -147,6 +147,7 @@ class TokenizerTask(TrainTask):
         if self.dino_ce is not None:
             self.dino_ce.load_state_dict(state["dino_ce"])
         self.keep_gen.set_state(state["keep_gen"])
+        self.last_eval = ck.read_meta(ckpt).get("last_eval")  # the result of a resumed run that had finished
 
     def distribute(self, wrap: Callable[..., nn.Module]) -> list[nn.Module]:
         tok, obj = self.model, self.objective
