@@ -133,7 +133,7 @@ def generate_images(
     `settings` (default: plain sampling). `tokens` is K (default: the generator's), `steps` RandAR's parallel
     steps. Every torchrun process calls it. Reports `start("sample", images, done, ckpt=, tokenizer=, sampler=,
     tokens=, steps=, device=)`, `advance(images, rate=AR tokens/s)` per batch, and notes."""
-    from .dist import cleanup, finished, init_distributed
+    from .dist import all_reduce_sum, broadcast_path, cleanup, finished, init_distributed
     from .generators import GENERATORS, SamplingSettings
     from .runs import find_generator_checkpoint, load_generator, tokenizer_of_generator
 
@@ -161,7 +161,7 @@ def generate_images(
         k = gen.check_k(tokens)
         steps = gen.check_steps(steps, k)
         out_dir = Path(out) if out is not None else Path("samples") / f"{sampler}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out_dir = _same_on_every_rank(out_dir, dist)
+        out_dir = broadcast_path(out_dir)
         sampling = {"cfg": settings.cfg, "cfg_schedule": settings.cfg_schedule, "temperature": settings.temperature,
                     "top_k": settings.top_k, "top_p": settings.top_p, "seed": seed, "steps": steps}
         store = _open_store(out_dir, path, meta, sampler, wanted, per_class, num_samples, k, sampling, shard_size,
@@ -174,7 +174,7 @@ def generate_images(
         made, ar_s, dec_s = _sample_shards(gen, tok, store, pending, labels_all, k, steps, settings, seed, batch, dev,
                                            progress)
         loop_s = time.perf_counter() - t_all  # this rank's own sampling, before it waits for the others
-        made, ar_s, dec_s, loop_s = _sum_over_ranks([made, ar_s, dec_s, loop_s], dist)
+        made, ar_s, dec_s, loop_s = all_reduce_sum([made, ar_s, dec_s, loop_s], dev)
         finished()  # every shard is on disk
         sample_wall = time.perf_counter() - t_all
         grid_path, npz, pngs = out_dir / "grid.png", out_dir / "samples.npz", []
@@ -207,27 +207,6 @@ def generate_images(
         cleanup()
 
 
-def _same_on_every_rank(path: Path, dist: DistInfo) -> Path:
-    """Rank 0's choice of a folder (a default name holds the time) for every rank."""
-    if not dist.enabled:
-        return path
-    import torch.distributed as tdist
-
-    box = [str(path)]
-    tdist.broadcast_object_list(box, src=0)
-    return Path(box[0])
-
-
-def _sum_over_ranks(values: list[float], dist: DistInfo) -> list[float]:
-    if not dist.enabled:
-        return values
-    import torch.distributed as tdist
-
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
-    tdist.all_reduce(t)
-    return t.tolist()
-
-
 def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, classes: list[int],
                 per_class: int | None, num_samples: int | None, k: int, sampling: dict[str, Any], shard_size: int,
                 total: int, dist: DistInfo) -> SampleStore:
@@ -239,11 +218,10 @@ def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, c
     defining = {"generator_hash": sha256_file(path / "generator.safetensors"),
                 "tokenizer_hash": meta.get("tokenizer", {}).get("hash"), "sampler": sampler, "classes": classes,
                 "per_class": per_class, "num_samples": num_samples, "tokens": k, **sampling}
-    store = SampleStore(out_dir, defining, total, shard_size, is_main=dist.is_main)
-    if dist.enabled:
-        import torch.distributed as tdist
+    from .dist import finished
 
-        tdist.barrier()
+    store = SampleStore(out_dir, defining, total, shard_size, is_main=dist.is_main)
+    finished()  # a barrier: every rank sees the manifest rank 0 wrote
     return store
 
 

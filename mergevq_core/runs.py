@@ -65,11 +65,9 @@ def run_folder(kind: str, stem: str, out: str | Path | None, resume: bool, dist:
     else:
         run_dir = RUNS_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist is not None and dist.enabled:
-        import torch.distributed as tdist
+        from .dist import broadcast_path
 
-        box = [str(run_dir)]
-        tdist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
+        run_dir = broadcast_path(run_dir)
     return run_dir
 
 
