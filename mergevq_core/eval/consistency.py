@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..fileio import write_atomic
 
-__all__ = ["SmallCNN", "classifier_for", "consistency", "references_at"]
+__all__ = ["SmallCNN", "classifier_for", "consistency_of_chunks", "references_at"]
 
 CLASSIFIER_DIR = Path("runs") / "classifiers"
 PREDICTED_ASSIGN = "canonical"  # how val_acc_recon_predicted decoded: tokenizer.predict_assign(constrained=True)
@@ -172,14 +172,9 @@ def references_at(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, devi
     return ref
 
 
-def consistency(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> dict[str, Any]:
-    """Fraction of samples (float [-1, 1] (M, 3, H, W)) classified as the class they were generated for, overall
-    and per class."""
-    return consistency_of_chunks(model, [(images, labels)], device)
-
-
 def consistency_of_chunks(model: nn.Module, chunks: Iterable[tuple[Any, Any]], device: torch.device) -> dict[str, Any]:
-    """`consistency` over samples that arrive in chunks (memory flat in their number): each chunk is float [-1, 1]
+    """Fraction of samples classified as the class they were generated for, overall and per class, over samples
+    that arrive in chunks (memory flat in their number): each chunk is float [-1, 1]
     (M, 3, H, W) images, or uint8 (M, H, W, 3) arrays as a samples file holds them, with their labels (M,)."""
     hits: dict[int, int] = {}
     counts: dict[int, int] = {}
