@@ -18,10 +18,11 @@ if TYPE_CHECKING:
     from .eval.complexity import ARInfo, ModelInfo
     from .eval.probe import ProbeResult
     from .eval.reconstruct import ReconResult
+    from .train.finetune_task import FinetuneResult
     from .train.ar_task import ARTrainResult
     from .train.tokenizer_task import TrainResult
 
-__all__ = ["evaluate", "find_tokenizer_checkpoint", "load_tokenizer", "model_info", "probe", "reconstruct",
+__all__ = ["evaluate", "finetune", "find_tokenizer_checkpoint", "load_tokenizer", "model_info", "probe", "reconstruct",
            "tokenize", "train_ar", "train_tokenizer"]
 
 
@@ -75,22 +76,33 @@ def train_ar(
 
 def reconstruct(paths: Sequence[str | Path], *, ckpt: str | Path | None = None, tokens: list[int] | None = None,
                 source: str = "gt", out: str | Path = "recon", fid: bool = False, inception_weights: str | None = None,
-                photos: bool = False, device: str | None = None, batch: int = 16,
+                photos: bool = False, device: str | None = None, batch: int = 16, workers: int = 0,
+                save: int | None = None, save_all: bool = False, cache: str | Path | None = None,
                 progress: Progress = SILENT) -> ReconResult:
     """`mergevq reconstruct`: image files and folders (plus scikit-image's photos) through the tokenizer at each K
-    (see `eval.reconstruct.reconstruct_files`); pictures go to `out`."""
+    (see `eval.reconstruct.reconstruct_files`), streamed; pictures of the first `save` images (default 32, or all
+    with `save_all`) and `per_image.jsonl` go to `out`; the originals' rFID statistics are cached under `cache`
+    (default `cache.cache_root()`). Under torchrun every process calls this and the ranks split the images."""
     from .data.photos import photo_paths
+    from .dist import cleanup, finished, init_distributed
     from .eval.reconstruct import collect_images, reconstruct_files
 
     files = collect_images([Path(p) for p in paths] + (photo_paths() if photos else []))
-    tok, path = load_tokenizer(ckpt, device)
-    weights = None
-    if fid:
-        from .eval.fid import resolve_inception_weights
+    dist = init_distributed(device)
+    try:
+        tok, path = load_tokenizer(ckpt, str(dist.device))
+        weights = None
+        if fid:
+            from .eval.fid import resolve_inception_weights
 
-        weights = resolve_inception_weights(inception_weights)  # fails early, before any work
-    return reconstruct_files(tok, path, files, tokens=tokens, source=source, out=out, fid_weights=weights,
-                             batch=batch, progress=progress)
+            weights = resolve_inception_weights(inception_weights)  # fails early, before any work
+        res = reconstruct_files(tok, path, files, tokens=tokens, source=source, out=out, fid_weights=weights,
+                                batch=batch, workers=workers, save=save, save_all=save_all, cache=cache, dist=dist,
+                                progress=progress if dist.is_main else SILENT)
+        finished()
+        return res
+    finally:
+        cleanup()
 
 
 def tokenize(data: str | Path, out: str | Path, *, ckpt: str | Path | None = None, tokens: int | None = None,
@@ -104,16 +116,51 @@ def tokenize(data: str | Path, out: str | Path, *, ckpt: str | Path | None = Non
                             batch=batch, shard_size=shard_size, seed=seed, progress=progress)
 
 
-def probe(data: str, *, ckpt: str | Path | None = None, tokens: str | int = "all", epochs: int = 90, lr: float = 1e-3,
-          n_train: int = 5000, n_test: int = 1000, out: str | Path = "probe", seed: int = 0, device: str | None = None,
+def probe(data: str, *, val: str | None = None, ckpt: str | Path | None = None, tokens: str | int = "all",
+          epochs: int = 90, lr: float = 1e-3, batch: int = 1024, n_train: int | None = None,
+          n_test: int | None = None, out: str | Path = "probe", seed: int = 0, cache: str | Path | None = None,
+          workers: int = 0, baseline: bool = True, device: str | None = None,
           progress: Progress = SILENT) -> ProbeResult:
-    """`mergevq probe`: linear probe of the frozen encoder and the same probe on raw pixels (see `eval.probe`)."""
+    """`mergevq probe`: linear probe of the frozen encoder and the same probe on raw pixels, trained on `data`
+    and tested on `val` (see `eval.probe`). Under torchrun every process calls this; the ranks split the feature
+    extraction and all return the result."""
+    from .dist import cleanup, finished, init_distributed
     from .eval.probe import run_probe
 
-    tok, path = load_tokenizer(ckpt, device)
-    return run_probe(tok, path, data, tokens=tokens, epochs=epochs, lr=lr, n_train=n_train, n_test=n_test, out=out,
-                     seed=seed, progress=progress)
+    dist = init_distributed(device)
+    try:
+        tok, path = load_tokenizer(ckpt, str(dist.device))
+        res = run_probe(tok, path, data, val=val, tokens=tokens, epochs=epochs, lr=lr, batch=batch, n_train=n_train,
+                        n_test=n_test, out=out, seed=seed, cache=cache, workers=workers, baseline=baseline,
+                        dist=dist, progress=progress if dist.is_main else SILENT)
+        finished()
+        return res
+    finally:
+        cleanup()
 
+
+def finetune(data: str, *, val: str | None = None, ckpt: str | Path | None = None, tokens: str | int = "all",
+             epochs: int | None = None, lr: float | None = None, batch: int | None = None,
+             micro_batch: int | None = None, n_train: int | None = None, n_test: int | None = None,
+             workers: int | None = None, out: str | Path | None = None, resume: bool = False,
+             max_steps: int | None = None, seed: int | None = None, overrides: Sequence[str] = (),
+             device: str | None = None, progress: Progress = SILENT) -> FinetuneResult:
+    """`mergevq probe --protocol finetune`: the encoder plus a head trained end to end on `data`, tested on `val`
+    (see `train.finetune_task`); options left None take the protocol's defaults (`config.finetune`), `overrides`
+    are `--set` pairs on its config. The run folder is `out`, else `runs/finetune-<tokenizer run>-<time>`."""
+    from .train.finetune_task import finetune_config
+    from .train.launch import launch_finetune
+
+    path = find_tokenizer_checkpoint(ckpt)
+    settings = {"train.epochs": epochs, "train.lr": lr, "train.batch_size": batch, "train.micro_batch": micro_batch,
+                "train.max_steps": max_steps, "train.seed": seed, "data.n_train": n_train, "data.n_val": n_test,
+                "data.num_workers": workers}
+
+    def make(world_size: int):
+        return finetune_config(path, data, val, tokens, world_size, settings=settings, overrides=list(overrides))
+
+    return launch_finetune(make, f"finetune-{path.parent.parent.name}", out=out, resume=resume, device=device,
+                           progress=progress)
 
 
 def evaluate(samples: str | Path | None, ref: str | Path, *, save_stats: str | Path | None = None,

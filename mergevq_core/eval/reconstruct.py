@@ -1,7 +1,9 @@
 """Reconstruction of image files at one or several K, with per-image metrics and side-by-side pictures.
 
 Each output PNG shows the original, the reconstruction and the merge map (the image tinted by the merged token
-that holds each region, with the merge boundaries drawn), so a reader sees what K tokens kept.
+that holds each region, with the merge boundaries drawn), so a reader sees what K tokens kept. Pictures are made
+for the first `save` images; the per-image metrics of every image go to `per_image.jsonl`. The pass itself
+streams (`eval.recon_stream`): memory stays flat in the number of images, and torchrun ranks split the files.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..progress import SILENT, Progress
 
@@ -18,9 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import is_image_file, list_images, load_rgb
+from ..dist import DistInfo
 from ..errors import ConfigError, DataError
 from ..models import MergeVQTokenizer
-from .metrics import psnr, to_unit
+from .metrics import to_unit
+
+DEFAULT_SAVE = 32  # triptychs per K unless --save N / --save-all
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -43,8 +48,8 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 
 def load_images(files: list[Path], size: int) -> Tensor:
-    """(M, 3, size, size) in [-1, 1]: shorter side → size, centre crop (the paper's evaluation view).
-    An unreadable file stops with its name (DataError)."""
+    """(M, 3, size, size) in [-1, 1]: shorter side → size, centre crop (the paper's evaluation view), all in
+    memory (a few images; `reconstruct_files` streams instead). An unreadable file stops with its name (DataError)."""
     from ..data.views import recon_view
 
     g = torch.Generator()
@@ -94,7 +99,7 @@ class ReconRecord:
     tokens: int
     psnr: float
     ssim: float
-    output: str
+    output: str | None = None  # the triptych, for the saved images
     lpips: float | None = None
     psnr_gt_source: float | None = None  # with --source predicted: PSNR when decoding with the true source
 
@@ -104,82 +109,38 @@ class ReconRecord:
 
 @dataclass
 class ReconResult:
+    """`images`: the records of the saved images only (all of them: `per_image`, one JSON row per image and K);
+    `count`: images evaluated; `fid_reference_cached`: the originals' Inception statistics came from the cache
+    (None without rFID)."""
+
     ckpt: str
     source: str
     out: str
     images: list[ReconRecord] = field(default_factory=list)
     mean: dict[int, dict[str, float]] = field(default_factory=dict)
     plot: str | None = None
+    count: int = 0
+    per_image: str | None = None
+    fid_reference_cached: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"ckpt": self.ckpt, "source": self.source, "out": self.out, "images": [r.to_json() for r in self.images],
-                "mean": {str(k): v for k, v in self.mean.items()}, "plot": self.plot}
-
-
-@torch.no_grad()
-def reconstruct_images(
-    tok: MergeVQTokenizer, files: list[Path], images: Tensor, tokens: list[int], source: str, out: Path,
-    lpips: Callable[[Tensor, Tensor], Tensor] | None = None, batch: int = 16, progress: Progress = SILENT,
-) -> tuple[list[ReconRecord], dict[int, Tensor], dict[int, set[int]]]:
-    """Encode/decode every image at every K. Returns the records, the reconstructions per K (M, 3, H, W) on the
-    CPU, and the distinct ids seen per K."""
-    from .quality import ssim
-
-    device = next(tok.parameters()).device
-    grid = tok.cfg.model.grid
-    records: list[ReconRecord] = []
-    recons: dict[int, list[Tensor]] = {k: [] for k in tokens}
-    seen: dict[int, set[int]] = {k: set() for k in tokens}
-    names = _output_names(files)
-    for start in range(0, len(images), batch):
-        x = images[start : start + batch].to(device)
-        for k in tokens:
-            enc = tok.encode(x, tokens=k)
-            seen[k].update(enc.ids.flatten().tolist())
-            assign = tok.predict_assign(enc.ids) if source == "predicted" else enc.assign
-            rec = tok.decode(enc.ids, assign).float().clamp(-1, 1)
-            gt = tok.decode(enc.ids, enc.assign).float().clamp(-1, 1) if source == "predicted" else None
-            p, s = psnr(rec, x).cpu(), ssim(rec.cpu(), x.cpu())
-            lp = [float(lpips(rec[i : i + 1], x[i : i + 1])) for i in range(len(x))] if lpips is not None else None
-            p_gt = psnr(gt, x).cpu() if gt is not None else None
-            for i in range(len(x)):
-                j = start + i
-                target = out / f"{names[j]}_k{k}.png"
-                save_triptych(target, x[i].cpu(), rec[i].cpu(), assign[i].cpu(), grid)
-                records.append(ReconRecord(
-                    path=str(files[j]), tokens=k, psnr=float(p[i]), ssim=float(s[i]), output=str(target),
-                    lpips=lp[i] if lp is not None else None, psnr_gt_source=float(p_gt[i]) if p_gt is not None else None,
-                ))
-            recons[k].append(rec.cpu())
-        progress.advance(len(x))
-    return records, {k: torch.cat(v) for k, v in recons.items()}, seen
+        return {"ckpt": self.ckpt, "source": self.source, "out": self.out, "count": self.count,
+                "images": [r.to_json() for r in self.images], "mean": {str(k): v for k, v in self.mean.items()},
+                "per_image": self.per_image, "fid_reference_cached": self.fid_reference_cached, "plot": self.plot}
 
 
 def _output_names(files: list[Path]) -> list[str]:
     """Unique, readable file stems for the outputs (parent folder added when stems repeat)."""
-    stems = [f.stem for f in files]
-    dup = {s for s in stems if stems.count(s) > 1}
-    names = [f"{f.parent.name}_{f.stem}" if f.stem in dup else f.stem for f in files]
+    from collections import Counter
+
+    stems = Counter(f.stem for f in files)
+    names = [f"{f.parent.name}_{f.stem}" if stems[f.stem] > 1 else f.stem for f in files]
     seen: dict[str, int] = {}
     out = []
     for n in names:
         seen[n] = seen.get(n, 0) + 1
         out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
     return out
-
-
-def summarise(records: list[ReconRecord], tokens: list[int]) -> dict[int, dict[str, float]]:
-    mean: dict[int, dict[str, float]] = {}
-    for k in tokens:
-        rs = [r for r in records if r.tokens == k]
-        m = {"psnr": sum(r.psnr for r in rs) / len(rs), "ssim": sum(r.ssim for r in rs) / len(rs)}
-        if rs and rs[0].lpips is not None:
-            m["lpips"] = sum(r.lpips for r in rs) / len(rs)
-        if rs and rs[0].psnr_gt_source is not None:
-            m["psnr_gt_source"] = sum(r.psnr_gt_source for r in rs) / len(rs)
-            m["gap_db"] = m["psnr_gt_source"] - m["psnr"]
-        mean[k] = m
-    return mean
 
 
 def plot_quality_vs_tokens(mean: dict[int, dict[str, float]], path: Path, title: str) -> None:
@@ -203,21 +164,37 @@ def plot_quality_vs_tokens(mean: dict[int, dict[str, float]], path: Path, title:
     plt.close(fig)
 
 
-def reconstruct_files(
-    tok: MergeVQTokenizer, ckpt: Path, files: list[Path], *, tokens: list[int] | None = None, source: str = "gt",
-    out: str | Path = "recon", fid_weights: Path | None = None, batch: int = 16, progress: Progress = SILENT,
-) -> ReconResult:
-    """Reconstruct image `files` at each K in `tokens` (default: the checkpoint's merge.keep) and report per-image
-    and mean PSNR / SSIM (LPIPS when VGG16 weights are found), codebook usage per K, rFID with `fid_weights`
-    (Inception), and a quality-vs-K plot for a K list. `source`: `gt` (the encoder's own merge assignment) or
-    `predicted` (the source recovery model's, from the ids alone)."""
-    from .quality import lpips_if_available
-
-    cfg = tok.cfg
+def _check_options(source: str, batch: int, workers: int, save: int | None, save_all: bool) -> None:
     if source not in ("gt", "predicted"):
         raise ConfigError(f"--source {source!r}: choose gt or predicted")
     if batch < 1:
         raise ConfigError(f"--batch {batch}: must be >= 1")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: must be >= 0 (0: decode in the main process)")
+    if save is not None and save_all:
+        raise ConfigError("give either --save N or --save-all, not both")
+    if save is not None and save < 0:
+        raise ConfigError(f"--save {save}: must be >= 0 (0: no pictures)")
+
+
+def reconstruct_files(
+    tok: MergeVQTokenizer, ckpt: Path, files: list[Path], *, tokens: list[int] | None = None, source: str = "gt",
+    out: str | Path = "recon", fid_weights: Path | None = None, batch: int = 16, workers: int = 0,
+    save: int | None = None, save_all: bool = False, cache: str | Path | None = None, dist: DistInfo | None = None,
+    progress: Progress = SILENT,
+) -> ReconResult:
+    """Reconstruct image `files` at each K in `tokens` (default: the checkpoint's merge.keep) and report per-image
+    (`out/per_image.jsonl`) and mean PSNR / SSIM (LPIPS when VGG16 weights are found), codebook usage per K, rFID
+    with `fid_weights` (Inception; the originals' statistics cached under `cache`), triptychs of the first `save`
+    images (default 32; `save_all`: every image) and a quality-vs-K plot for a K list. `source`: `gt` (the
+    encoder's own merge assignment) or `predicted` (the source recovery model's, from the ids alone). `workers`:
+    DataLoader processes decoding the files. Under torchrun (`dist`) the ranks split the files; every rank returns
+    the same result and only rank 0 writes the summary files."""
+    from .quality import lpips_if_available
+    from .recon_stream import stream_reconstruct
+
+    cfg = tok.cfg
+    _check_options(source, batch, workers, save, save_all)
     ks = sorted(set(tokens)) if tokens else [cfg.merge.keep]
     for k in ks:
         cfg.check_keep(k)
@@ -225,23 +202,20 @@ def reconstruct_files(
         raise ConfigError(f"--source predicted needs a source recovery model; {ckpt} was trained without one")
     if fid_weights is not None and len(files) < 2:
         raise ConfigError("--fid needs at least 2 images (give a folder)")
-    images = load_images(files, cfg.model.image_size)
+    n_save = len(files) if save_all else (DEFAULT_SAVE if save is None else save)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(tok.parameters()).device
     lpips = lpips_if_available(cfg.loss.vgg_weights)
     lpips = lpips.to(device) if lpips is not None else None
-    progress.start("reconstruct", len(files), ckpt=str(ckpt), tokens=ks)
-    records, recons, seen = reconstruct_images(tok, files, images, ks, source, out, lpips, batch, progress)
-    mean = summarise(records, ks)
-    for k in ks:
-        mean[k]["codebook_usage"] = len(seen[k]) / tok.quantizer.codebook_size
-        if fid_weights is not None:
-            from .fid import frechet_distance, to_uint8
-
-            mean[k]["rfid"] = frechet_distance(to_uint8(images), to_uint8(recons[k]), fid_weights, device)
-    res = ReconResult(ckpt=str(ckpt), source=source, out=str(out), images=records, mean=mean)
+    st = stream_reconstruct(tok, files, ks, source, out, names=_output_names(files), lpips=lpips, batch=batch,
+                            workers=workers, save=n_save, fid_weights=fid_weights, cache=cache, dist=dist,
+                            progress=progress, ckpt=str(ckpt))
+    res = ReconResult(ckpt=str(ckpt), source=source, out=str(out), images=st.records, mean=st.mean, count=st.count,
+                      per_image=str(st.per_image), fid_reference_cached=st.fid_reference_cached)
     if len(ks) > 1:
         res.plot = str(out / "quality_vs_tokens.png")
-        plot_quality_vs_tokens(mean, Path(res.plot), f"{cfg.model.name} ({ckpt.parent.parent.name}), {len(files)} images")
+        if dist is None or dist.is_main:
+            title = f"{cfg.model.name} ({ckpt.parent.parent.name}), {st.count} images"
+            plot_quality_vs_tokens(st.mean, Path(res.plot), title)
     return res

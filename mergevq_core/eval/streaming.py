@@ -25,7 +25,8 @@ from ..dist import DistInfo
 from ..progress import SILENT, Progress
 from .image_sources import ImageSource
 
-__all__ = ["FEATURE_DIM", "FeatureStats", "extractor", "feature_stats", "merge_stats", "part_range"]
+__all__ = ["FEATURE_DIM", "FeatureStats", "StatsAccumulator", "extractor", "feature_stats", "merge_stats",
+           "part_range", "reduce_stats"]
 
 FEATURE_DIM = 2048  # Inception-v3 pool3
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity's feature names
@@ -108,6 +109,47 @@ def _reduce(local: FeatureStats, count: int, dist: DistInfo) -> FeatureStats:
     return FeatureStats(count=int(sums[2].item()), total=sums[0].cpu(), outer=sums[1].cpu(),
                         features=None if local.features is None else _gather_rows(local.features, sizes, dev),
                         logits=None if local.logits is None else _gather_rows(local.logits, sizes, dev))
+
+
+def reduce_stats(local: FeatureStats, dist: DistInfo | None) -> FeatureStats:
+    """`local` summed over the torchrun ranks (sums only: no kept rows); unchanged in a single process."""
+    import torch.distributed as tdist
+
+    if dist is None or not dist.enabled or not tdist.is_initialized():
+        return local
+    if local.features is not None or local.logits is not None:
+        raise ValueError("reduce_stats reduces sums only; use feature_stats to gather kept rows")
+    return _reduce(local, local.count, dist)
+
+
+class StatsAccumulator:
+    """Running Inception sums of uint8 batches fed as they come (e.g. reconstructions made batch by batch).
+    Several accumulators can share one `extractor` (`net`, pool features first); the sums stay on `device`."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
+        self.net, self.device, self.count = net, device, 0
+        self.total = torch.zeros(FEATURE_DIM, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(FEATURE_DIM, FEATURE_DIM, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, images: Tensor) -> None:
+        """Feed (B, 3, H, W) uint8 images (torch-fidelity resizes them to 299)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Inception needs uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            return
+        f = self.net(images.to(self.device))[0].double()  # (B, F)
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+        self.count += int(f.shape[0])
+
+    def local(self) -> FeatureStats:
+        """This process's sums so far (CPU tensors)."""
+        return FeatureStats(count=self.count, total=self.total.cpu(), outer=self.outer.cpu())
+
+    def result(self, dist: DistInfo | None = None) -> FeatureStats:
+        """The sums over all ranks under torchrun (every rank gets them), else this process's."""
+        return reduce_stats(self.local(), dist)
 
 
 @torch.no_grad()

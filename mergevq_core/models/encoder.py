@@ -45,16 +45,17 @@ class ToMeBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale)
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth, set by `MergeEncoder.set_drop_path`
 
     def forward(self, x: Tensor, state: MergeState, r: int) -> tuple[Tensor, MergeState]:
         bias = proportional_attention_bias(state.size) if self.prop_attn else None
         h, keys = self.attn(self.norm1(x), bias)  # keys: (B, T, C/H)
-        x = x + self.ls1(h)
+        x = x + self.drop_path(self.ls1(h))
         if r > 0:
             plan = bipartite_match(keys, r, protect_cls=True)
             x, size = merge_wavg(plan, x, state.size)  # (B, T-r, C)
             state = MergeState(size, track_assign(plan, state.assign))
-        x = x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, state
 
 
@@ -115,6 +116,16 @@ class MergeEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             ToMeBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale, prop_attn) for _ in range(cfg.depth)
         )
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 at the first block to `rate` at the last (fine-tuning); 0 removes
+        it. Holds no parameters: checkpoints are unchanged."""
+        from timm.layers import DropPath
+
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            p = rate * i / max(1, n - 1)
+            block.drop_path = DropPath(p) if p > 0 else nn.Identity()
 
     def forward(self, images: Tensor, schedule: list[int] | tuple[int, ...]) -> EncoderOut:
         """Shapes: images (B, 3, H, W) in [-1, 1]; schedule: merges per block, Σ = N - K."""

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 from ..progress import SILENT, Progress
 from .task import TrainTask
 
-__all__ = ["launch", "task_class"]
+__all__ = ["launch", "launch_finetune", "task_class"]
 
-PATH_SETTINGS = ("data.tokens", "train.init")  # settings given as paths (normalised like `Path` prints them)
+PATH_SETTINGS = ("data.tokens", "train.init")
+RESUME_MAY_CHANGE = ("train.max_steps", "data.num_workers")  # a resumed fine-tuning run may change these  # settings given as paths (normalised like `Path` prints them)
 
 
 def task_class(kind: str) -> type[TrainTask]:
@@ -53,3 +54,40 @@ def launch(
         return result
     finally:
         cleanup()
+
+
+def launch_finetune(make_config: Any, stem: str, *, out: str | Path | None = None, resume: bool = False,
+                    device: str | None = None, progress: Progress = SILENT) -> Any:
+    """Fine-tune with the config `make_config(world_size)` builds (`finetune_task.finetune_config`). The run folder
+    is `out`, else `runs/<stem>-<time>`; with `resume` and no `out`, the newest run of that stem. A resumed run must
+    be given the same settings it was started with (only `RESUME_MAY_CHANGE` may differ)."""
+    from ..config import config_to_dict
+    from ..dist import cleanup, finished, init_distributed
+    from ..errors import ConfigError
+    from ..runs import resume_config, run_folder
+    from .finetune_task import FinetuneTask
+    from .loop import fit
+
+    dist = init_distributed(device)
+    try:
+        cfg = make_config(dist.world_size)
+        run_dir = run_folder("finetune", stem, out, resume, dist)
+        saved = resume_config(run_dir, "finetune") if resume else None
+        if saved is not None:
+            changed = _differences(saved, config_to_dict(cfg))
+            changed = [c for c in changed if c not in RESUME_MAY_CHANGE]
+            if changed:
+                raise ConfigError(f"--resume: {run_dir} was started with other settings ({', '.join(changed[:4])}); "
+                                  "give the same options, or a new --out")
+        result = fit(FinetuneTask(cfg, run_dir, dist), resume=resume, progress=progress)
+        finished()
+        return result
+    finally:
+        cleanup()
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{where}.{k}".lstrip("."))]
+    return [] if a == b else [where]

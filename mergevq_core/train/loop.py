@@ -50,7 +50,7 @@ class BatchStream:
             raise DataError(f"{len(dataset)} {what} are fewer than one batch of {micro_batch} per process")
         self.kwargs = dict(batch_size=micro_batch, num_workers=num_workers, drop_last=True, collate_fn=collate_fn,
                            pin_memory=dist.device.type == "cuda", persistent_workers=False)
-        self.epoch, self.done = 0, 0
+        self.epoch, self.done, self.seed, self.rank = 0, 0, seed, dist.rank
         self._it = None
 
     def state(self) -> dict[str, int]:
@@ -63,10 +63,18 @@ class BatchStream:
     def next(self) -> dict[str, Tensor]:
         while True:
             if self._it is None:
+                if self.done >= self.sampler.batches_per_epoch:  # resumed at an epoch's end: no empty iterator,
+                    self.epoch, self.done = self.epoch + 1, 0  # whose creation would draw from the torch RNG
                 self.sampler.set_position(self.epoch, self.done)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
-                self._it = iter(DataLoader(self.dataset, sampler=self.sampler, **self.kwargs))
+                # its own generator: creating an iterator (its workers' base seed) never draws from the global torch
+                # RNG, which the model's own randomness (drop path, dropout) uses and checkpoints restore; so a run
+                # resumed mid-epoch, which creates its iterator at another step, draws the same masks
+                from ..data.rng import make_generator
+
+                g = make_generator(self.seed, self.epoch, self.rank)
+                self._it = iter(DataLoader(self.dataset, sampler=self.sampler, generator=g, **self.kwargs))
             try:
                 batch = next(self._it)
                 self.done += 1
@@ -185,7 +193,7 @@ class _Loop:
         st = ck.read_train_state(ckpt)
         self.task.restore(ckpt, st)
         self.scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["torch_rng"])
+        torch.set_rng_state(this_rank(st["torch_rng"], self.dist))
         self.stream.load_state(this_rank(st["data"], self.dist))
         self.acc, self.acc_n = dict(st["log_acc"]), int(st["log_n"])
         self.step, self.wall_before, self.count = int(st["step"]), float(st["wall_s"]), int(st[self.task.count_key])
@@ -315,7 +323,8 @@ class _Loop:
         """A checkpoint of this step (every rank takes part in gathering the per-rank state); rank 0 writes it."""
         task, dist = self.task, self.dist
         state = {
-            "step": self.step, "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "step": self.step, "scaler": self.scaler.state_dict(),
+            "torch_rng": gather_per_rank(torch.get_rng_state(), dist),  # each rank's own (drop path, dropout)
             "data": gather_per_rank(self.stream.state(), dist), "log_acc": self.acc, "log_n": self.acc_n,
             "wall_s": self.wall_before + (time.perf_counter() - self.t0), task.count_key: self.count,
             **task.state(partial(gather_per_rank, dist=dist)),
