@@ -65,6 +65,10 @@ def main() -> None:
     except Exception as e:  # an unexpected failure still gets one line; --debug shows where it came from
         if _state["debug"]:
             raise
+        if not console.is_main_process():  # under torchrun only rank 0 talks, but an unexpected failure on
+            import os                      # another rank is often the root cause of rank 0's: say it, plainly
+
+            sys.stderr.write(f"rank {os.environ.get('RANK')}: {type(e).__name__}: {e}\n")
         console.error(f"{type(e).__name__}: {e}", hint="run again with --debug for the traceback")
         sys.exit(1)
 

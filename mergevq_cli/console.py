@@ -20,9 +20,12 @@ def print_json(obj: Any) -> None:
 def error(message: str, hint: str | None = None) -> None:
     if not is_main_process():
         return
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    from rich.markup import escape
+
+    # the message may hold brackets (paths, C++ source locations in torch errors): never read them as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True)
     if hint:
-        err.print(f"[dim]{hint}[/]", soft_wrap=True)
+        err.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

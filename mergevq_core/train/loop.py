@@ -63,8 +63,8 @@ class BatchStream:
     def next(self) -> dict[str, Tensor]:
         while True:
             if self._it is None:
-                if self.done >= self.sampler.batches_per_epoch:  # resumed at an epoch's end: no empty iterator,
-                    self.epoch, self.done = self.epoch + 1, 0  # whose creation would draw from the torch RNG
+                if self.done >= self.sampler.batches_per_epoch:  # resumed at an epoch's end: open the next epoch
+                    self.epoch, self.done = self.epoch + 1, 0  # rather than an empty iterator
                 self.sampler.set_position(self.epoch, self.done)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
