@@ -210,7 +210,9 @@ def generate_images(
 def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, classes: list[int],
                 per_class: int | None, num_samples: int | None, k: int, sampling: dict[str, Any], shard_size: int,
                 total: int, dist: DistInfo) -> SampleStore:
-    """The output folder, refusing one made with other settings (checked on every rank before any writes)."""
+    """The output folder, refusing one made with other settings (checked on every rank before any shard is
+    written). Rank 0 opens it first: a rank reading the folder while rank 0 creates it would see `shards/`
+    without the manifest yet and refuse it."""
     from .fileio import sha256_file
     from .sample_store import SampleStore
 
@@ -220,9 +222,9 @@ def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, c
                 "per_class": per_class, "num_samples": num_samples, "tokens": k, **sampling}
     from .dist import finished
 
-    store = SampleStore(out_dir, defining, total, shard_size, is_main=dist.is_main)
+    store = SampleStore(out_dir, defining, total, shard_size, is_main=True) if dist.is_main else None
     finished()  # a barrier: every rank sees the manifest rank 0 wrote
-    return store
+    return store if store is not None else SampleStore(out_dir, defining, total, shard_size, is_main=False)
 
 
 def _sample_shards(gen: Generator, tok: MergeVQTokenizer, store: SampleStore, shards: list[int], labels_all: np.ndarray,
