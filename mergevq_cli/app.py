@@ -16,6 +16,7 @@ from .commands import reconstruct as reconstruct_cmd
 from .commands import tokenize as tokenize_cmd
 from .commands import train_ar as train_ar_cmd
 from .commands import train_tokenizer as train_tokenizer_cmd
+from .commands import tune_recovery as tune_recovery_cmd
 
 app = typer.Typer(
     name="mergevq",
@@ -39,6 +40,7 @@ app.command("train-tokenizer", epilog=train_tokenizer_cmd.EXAMPLES)(train_tokeni
 app.command("train-ar", epilog=train_ar_cmd.EXAMPLES)(train_ar_cmd.train_ar)
 app.command("reconstruct", epilog=reconstruct_cmd.EXAMPLES)(reconstruct_cmd.reconstruct)
 app.command("tokenize", epilog=tokenize_cmd.EXAMPLES)(tokenize_cmd.tokenize)
+app.command("tune-recovery", epilog=tune_recovery_cmd.EXAMPLES)(tune_recovery_cmd.tune_recovery)
 app.command("generate", epilog=generate_cmd.EXAMPLES)(generate_cmd.generate)
 app.command("probe", epilog=probe_cmd.EXAMPLES)(probe_cmd.probe)
 app.command("evaluate", epilog=evaluate_cmd.EXAMPLES)(evaluate_cmd.evaluate)

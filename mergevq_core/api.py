@@ -20,10 +20,11 @@ if TYPE_CHECKING:
     from .eval.reconstruct import ReconResult
     from .train.finetune_task import FinetuneResult
     from .train.ar_task import ARTrainResult
+    from .train.recovery_task import RecoveryTuneResult
     from .train.tokenizer_task import TrainResult
 
 __all__ = ["evaluate", "finetune", "find_tokenizer_checkpoint", "load_tokenizer", "model_info", "probe", "reconstruct",
-           "tokenize", "train_ar", "train_tokenizer"]
+           "tokenize", "train_ar", "train_tokenizer", "tune_recovery"]
 
 
 def model_info(recipe: str | Path, *, tokens: int | None = None, overrides: Sequence[str] = ()) -> ModelInfo | ARInfo:
@@ -106,14 +107,24 @@ def reconstruct(paths: Sequence[str | Path], *, ckpt: str | Path | None = None, 
 
 
 def tokenize(data: str | Path, out: str | Path, *, ckpt: str | Path | None = None, tokens: int | None = None,
-             tokens_sample: bool = False, limit: int | None = None, device: str | None = None, batch: int = 64,
-             shard_size: int = 4096, seed: int = 0, progress: Progress = SILENT) -> TokenizeResult:
-    """`mergevq tokenize`: encode a dataset once into token shards for stage 2 (see `data.tokenize`)."""
+             tokens_sample: bool = False, views: str = "ten-crop", crop_range: float | None = None,
+             limit: int | None = None, device: str | None = None, batch: int = 64, shard_size: int = 4096,
+             workers: int = 0, seed: int = 0, progress: Progress = SILENT) -> TokenizeResult:
+    """`mergevq tokenize`: encode a dataset once into token shards for stage 2 (see `data.tokenize`). Under
+    torchrun every process calls this; the ranks split the shards and all return the result."""
     from .data.tokenize import tokenize_dataset
+    from .dist import cleanup, finished, init_distributed
 
-    tok, path = load_tokenizer(ckpt, device)
-    return tokenize_dataset(tok, path, data, out, tokens=tokens, tokens_sample=tokens_sample, limit=limit,
-                            batch=batch, shard_size=shard_size, seed=seed, progress=progress)
+    dist = init_distributed(device)
+    try:
+        tok, path = load_tokenizer(ckpt, str(dist.device))
+        res = tokenize_dataset(tok, path, data, out, tokens=tokens, tokens_sample=tokens_sample, views=views,
+                               crop_range=crop_range, limit=limit, batch=batch, shard_size=shard_size,
+                               workers=workers, seed=seed, dist=dist, progress=progress if dist.is_main else SILENT)
+        finished()
+        return res
+    finally:
+        cleanup()
 
 
 def probe(data: str, *, val: str | None = None, ckpt: str | Path | None = None, tokens: str | int = "all",
@@ -182,3 +193,37 @@ def evaluate(samples: str | Path | None, ref: str | Path, *, save_stats: str | P
         return res
     finally:
         cleanup()
+
+
+# ----------------------------------------------------------------------------- source recovery after stage 2
+
+
+def tune_recovery(ckpt: str | Path | None = None, *, shards: str | Path | None = None, tokenizer: str | Path | None = None,
+                  replace: float | None = None, predict: str | None = None, temperature: float | None = None,
+                  epochs: int | None = None, lr: float | None = None, batch: int | None = None,
+                  micro_batch: int | None = None, val_items: int | None = None, workers: int | None = None,
+                  max_steps: int | None = None, seed: int | None = None, overrides: Sequence[str] = (),
+                  out: str | Path | None = None, resume: bool = False, device: str | None = None,
+                  progress: Progress = SILENT) -> RecoveryTuneResult:
+    """`mergevq tune-recovery`: fine-tune the tokenizer's source recovery model on the ids of the RandAR run `ckpt`
+    (default: the newest randar run), see `train.recovery_task`; options left None take the defaults
+    (`config.recovery`, paper Table A2), `overrides` are `--set` pairs on its config. The run folder is `out`, else
+    `runs/recovery-<generator run>-<time>`; `generate --recovery RUN` decodes with it. Under torchrun every
+    process calls this."""
+    from .runs import find_generator_checkpoint
+    from .train.launch import launch_configured
+    from .train.recovery_task import RecoveryTask, recovery_config
+
+    path = find_generator_checkpoint(ckpt, "randar")
+    settings = {"corrupt.replace": replace, "corrupt.predict": predict, "corrupt.temperature": temperature,
+                "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch, "train.micro_batch": micro_batch,
+                "train.max_steps": max_steps, "train.seed": seed, "data.val_items": val_items,
+                "data.num_workers": workers}
+
+    def make(world_size: int):
+        return recovery_config(path, world_size, shards=shards, tokenizer=tokenizer, settings=settings,
+                               overrides=list(overrides))
+
+    run = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+    return launch_configured(RecoveryTask, make, f"recovery-{run}", out=out, resume=resume, device=device,
+                             progress=progress)

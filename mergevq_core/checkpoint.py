@@ -87,7 +87,7 @@ def resolve_checkpoint(path: Path) -> Path:
     return ckpt
 
 
-KIND_NAMES = {"tokenizer": "tokenizer", "ar": "generator"}  # meta.json `kind` -> what a user calls it
+KIND_NAMES = {"tokenizer": "tokenizer", "ar": "generator", "recovery": "tuned source recovery"}  # meta.json `kind` -> what a user calls it
 
 
 def read_meta(ckpt: Path, expect_kind: str | None = None, expect_generator: str | None = None,

@@ -59,6 +59,7 @@ class GenerateResult:
     fid: dict[str, Any] | None = None
     inception_score: dict[str, Any] | None = None
     consistency: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None  # a tuned source recovery model (`--recovery`), else None
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -126,20 +127,23 @@ def generate_images(
     tokens: int | None = None, steps: int | None = None, seed: int = 0, batch: int = 64, out: str | Path | None = None,
     device: str | None = None, tokenizer: str | Path | None = None, fid: str | None = None,
     inception_weights: str | Path | None = None, with_consistency: bool = False, png: bool = False,
-    grid_rows: int = 8, grid_cols: int = 8, shard_size: int = 500, progress: Progress = SILENT,
+    grid_rows: int = 8, grid_cols: int = 8, shard_size: int = 500, recovery: str | Path | None = None,
+    progress: Progress = SILENT,
 ) -> GenerateResult:
     """Samples of `classes` (plus `class_spec`: `all`, ranges, lists) from the newest `sampler` run (or `ckpt`),
     `per_class` each or `num_samples` in all, into `out` (see the module docstring), in batches of `batch` with
     `settings` (default: plain sampling). `tokens` is K (default: the generator's), `steps` RandAR's parallel
-    steps. Every torchrun process calls it. Reports `start("sample", images, done, ckpt=, tokenizer=, sampler=,
+    steps. `recovery`: a `tune-recovery` run whose source recovery model replaces the tokenizer's (randar only).
+    Every torchrun process calls it. Reports `start("sample", images, done, ckpt=, tokenizer=, sampler=,
     tokens=, steps=, device=)`, `advance(images, rate=AR tokens/s)` per batch, and notes."""
     from .dist import all_reduce_sum, broadcast_path, cleanup, finished, init_distributed
     from .generators import GENERATORS, SamplingSettings
     from .runs import find_generator_checkpoint, load_generator, tokenizer_of_generator
 
-    settings = settings if settings is not None else SamplingSettings()
     if sampler not in GENERATORS:
         raise ConfigError(f"--sampler {sampler!r}: choose one of {', '.join(GENERATORS)}")
+    if settings is None:  # the sampler's own guidance schedule (linear for randar, as the paper)
+        settings = SamplingSettings(cfg_schedule=GENERATORS[sampler].default_cfg_schedule)
     if batch < 1 or grid_rows < 1 or grid_cols < 1:
         raise ConfigError("--batch, --grid-rows and --grid-cols must be >= 1")
     if not classes and not class_spec:
@@ -158,6 +162,7 @@ def generate_images(
         tok, tok_path = tokenizer_of_generator(meta, tokenizer, str(dev))
         if gen.needs_source_recovery and tok.recovery is None:
             raise CheckpointError(f"tokenizer {tok_path} has no source recovery model, which {sampler} needs to decode")
+        tuned = _tuned_recovery(recovery, gen, tok, meta, path, sampler, dev) if recovery is not None else None
         k = gen.check_k(tokens)
         steps = gen.check_steps(steps, k)
         out_dir = Path(out) if out is not None else Path("samples") / f"{sampler}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -165,7 +170,7 @@ def generate_images(
         sampling = {"cfg": settings.cfg, "cfg_schedule": settings.cfg_schedule, "temperature": settings.temperature,
                     "top_k": settings.top_k, "top_p": settings.top_p, "seed": seed, "steps": steps}
         store = _open_store(out_dir, path, meta, sampler, wanted, per_class, num_samples, k, sampling, shard_size,
-                            len(labels_all), dist)
+                            len(labels_all), dist, recovery_hash=tuned["hash"] if tuned else None)
         pending = store.pending(dist.rank, dist.world_size)
         todo = sum(len(store.shard_range(s)) for s in store.pending(0, 1))
         progress.start("sample", len(labels_all), len(labels_all) - todo, ckpt=str(path), tokenizer=str(tok_path),
@@ -193,11 +198,13 @@ def generate_images(
             images_per_s=made / max(sample_wall, 1e-9), settings={**sampling, "batch": batch}, tokens=k,
             samples=len(labels_all), made=made, other_s=max(0.0, loop_s - ar_s - dec_s) / world,
             stats=gen.summarize_stats(store.stats()),
+            recovery={k_: v for k_, v in tuned.items() if k_ != "stage1"} if tuned else None,
         )
         if fid is not None:
             _score(result, npz, fid, inception_weights, dev, seed, dist, progress)
         if with_consistency and dist.is_main:
-            result.consistency = _consistency(gen, tok, meta, store, k, dev, progress)
+            result.consistency = _consistency(gen, tok, meta, store, k, dev, progress,
+                                              stage1=tuned["stage1"] if tuned else None)
         result.wall_s = time.perf_counter() - t_all
         if dist.is_main:
             (out_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
@@ -209,7 +216,7 @@ def generate_images(
 
 def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, classes: list[int],
                 per_class: int | None, num_samples: int | None, k: int, sampling: dict[str, Any], shard_size: int,
-                total: int, dist: DistInfo) -> SampleStore:
+                total: int, dist: DistInfo, recovery_hash: str | None = None) -> SampleStore:
     """The output folder, refusing one made with other settings (checked on every rank before any shard is
     written). Rank 0 opens it first: a rank reading the folder while rank 0 creates it would see `shards/`
     without the manifest yet and refuse it."""
@@ -220,6 +227,8 @@ def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, c
     defining = {"generator_hash": sha256_file(path / "generator.safetensors"),
                 "tokenizer_hash": meta.get("tokenizer", {}).get("hash"), "sampler": sampler, "classes": classes,
                 "per_class": per_class, "num_samples": num_samples, "tokens": k, **sampling}
+    if recovery_hash is not None:  # a tuned source recovery model decodes other images from the same ids
+        defining["recovery_hash"] = recovery_hash
     from .dist import finished
 
     store = SampleStore(out_dir, defining, total, shard_size, is_main=True) if dist.is_main else None
@@ -316,20 +325,49 @@ def _score(result: GenerateResult, npz: Path, ref: str, weights: str | Path | No
     result.fid = res
 
 
+def _tuned_recovery(recovery: str | Path, gen: Generator, tok: MergeVQTokenizer, meta: dict[str, Any], gen_path: Path,
+                    sampler: str, dev: torch.device) -> dict[str, Any]:
+    """Put the source recovery model of a `tune-recovery` run in place of the tokenizer's (in memory: the
+    tokenizer's files, and the weights hash that identifies it, stay as they are). Returns what the result
+    records, plus the stage-1 model under `stage1`."""
+    from .fileio import sha256_file
+    from .runs import load_tuned_recovery
+
+    if not gen.needs_source_recovery:
+        raise ConfigError(f"--recovery: {sampler} does not decode with the source recovery model (randar does)")
+    model, path, rmeta = load_tuned_recovery(recovery, tok, meta.get("tokenizer", {}).get("hash"))
+    stage1, tok.recovery = tok.recovery, model.to(dev)
+    gen_hash = rmeta.get("generator_hash")
+    return {"checkpoint": str(path), "hash": sha256_file(path / "recovery.safetensors"),
+            "tuned_with": rmeta.get("generator_checkpoint"),
+            "same_generator": bool(gen_hash) and gen_hash == sha256_file(gen_path / "generator.safetensors"),
+            "stage1": stage1}
+
+
 def _consistency(gen: Generator, tok: MergeVQTokenizer, meta: dict[str, Any], store: SampleStore, k: int,
-                 dev: torch.device, progress: Progress) -> dict[str, Any]:
+                 dev: torch.device, progress: Progress, stage1: torch.nn.Module | None = None) -> dict[str, Any]:
     """Class consistency of the samples (streamed from the shards), with the classifier's accuracy on real images
     and on reconstructions at the K the samples are compared at (`reference_k`), and the ceiling a perfect
     generator could reach: with the predicted source when the generator needs source recovery, else the true one."""
-    from .eval.consistency import classifier_for, consistency_of_chunks, references_at
+    from .eval.consistency import classifier_for, consistency_of_chunks, predicted_source_reference, references_at
 
     data = meta.get("tokens", {}).get("dataset") or {}
-    clf, report = classifier_for(tok, meta["tokenizer"].get("hash", "") or "unknown", data, gen.cfg.num_classes,
-                                 tok.cfg.model.image_size, tok.cfg.merge.keep, dev, note=progress.note)
+    tuned = None
+    if stage1 is not None:  # the classifier's cached figures are the tokenizer's own: its stage-1 recovery model
+        tuned, tok.recovery = tok.recovery, stage1
+    try:
+        clf, report = classifier_for(tok, meta["tokenizer"].get("hash", "") or "unknown", data, gen.cfg.num_classes,
+                                     tok.cfg.model.image_size, tok.cfg.merge.keep, dev, note=progress.note)
+        ref_k = gen.reference_k(k, tok.cfg.merge.keep)
+        ref = references_at(clf, tok, report, ref_k, dev)
+    finally:
+        if tuned is not None:
+            tok.recovery = tuned
     res_c = consistency_of_chunks(clf, store.chunks(), dev)
-    ref_k = gen.reference_k(k, tok.cfg.merge.keep)
-    ref = references_at(clf, tok, report, ref_k, dev)
-    predicted = ref["val_acc_recon_predicted"]
+    predicted, extra = ref["val_acc_recon_predicted"], {}
+    if tuned is not None:  # the ceiling with the tuned model, measured now (never cached)
+        extra["classifier_val_acc_recon_predicted_stage1"] = predicted
+        predicted = predicted_source_reference(clf, tok, report, ref_k, dev)
     return {**res_c, "classifier_val_acc_real": report["val_acc_real"], "classifier_val_acc_recon": ref["val_acc_recon"],
-            "classifier_val_acc_recon_predicted": predicted, "reference_tokens": ref_k,
+            "classifier_val_acc_recon_predicted": predicted, **extra, "reference_tokens": ref_k,
             "ceiling": predicted if gen.needs_source_recovery else ref["val_acc_recon"]}

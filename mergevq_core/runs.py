@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RUNS_DIR", "find_generator_checkpoint", "find_tokenizer_checkpoint", "load_generator", "load_tokenizer",
-    "newest_run", "resume_config", "run_folder", "tokenizer_of_generator",
+    "load_tuned_recovery", "newest_run", "resume_config", "run_folder", "tokenizer_of_generator",
 ]
 
 RUNS_DIR = Path("runs")
@@ -98,13 +98,13 @@ def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
 def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True) -> tuple[MergeVQTokenizer, Path]:
     """Rebuild a trained tokenizer from its checkpoint (config from meta.json, EMA weights by default), in eval
     mode on `device`. Returns (tokenizer, checkpoint folder)."""
-    from .config import config_from_dict
+    from .config import config_from_saved
     from .dist import pick_device
     from .models import build_tokenizer
 
     path = find_tokenizer_checkpoint(ckpt)
     meta = ck.read_meta(path, expect_kind="tokenizer")
-    tok = build_tokenizer(config_from_dict(meta["config"]))
+    tok = build_tokenizer(config_from_saved(meta["config"]))
     ck.load_state_strict(tok, ck.read_tensors(path, "ema" if ema else "tokenizer"), f"{path}")
     return tok.to(pick_device(device)).eval(), path
 
@@ -165,3 +165,30 @@ def tokenizer_of_generator(meta: dict[str, Any], override: str | Path | None = N
     if rec.get("hash") and sha256_file(path / "ema.safetensors") != rec["hash"]:
         raise CheckpointError(f"tokenizer {path} is not the one the generator was trained on (weights hash differs)")
     return tok, path
+
+
+# ----------------------------------------------------------------------------- tuned source recovery
+
+
+def load_tuned_recovery(ckpt: str | Path, tok: MergeVQTokenizer, tokenizer_hash: str | None,
+                        option: str = "--recovery") -> tuple[torch.nn.Module, Path, dict[str, Any]]:
+    """A source recovery model tuned by `mergevq tune-recovery` (a run or checkpoint folder): a copy of
+    `tok.recovery` with the tuned weights, in eval mode on its device. Refuses one tuned for another tokenizer
+    (`tokenizer_hash`: the weights hash the generator records); `option` names the option in errors. Returns
+    (model, checkpoint folder, meta)."""
+    import copy
+
+    try:
+        path = ck.resolve_checkpoint(Path(ckpt))
+    except CheckpointError as e:
+        raise CheckpointError(f"{option}: {e}") from None
+    meta = ck.read_meta(path, expect_kind="recovery", prefix=f"{option}: ", hint=" (make one with `mergevq tune-recovery`)")
+    if tok.recovery is None:
+        raise CheckpointError(f"{option}: the tokenizer has no source recovery model to replace")
+    theirs = meta.get("tokenizer", {}).get("hash")
+    if tokenizer_hash and theirs != tokenizer_hash:
+        raise CheckpointError(f"{option}: {path} was tuned for another tokenizer ({meta.get('tokenizer', {}).get('checkpoint')}) "
+                              "than this generator's (weights hash differs)")
+    model = copy.deepcopy(tok.recovery)
+    ck.load_state_strict(model, ck.read_tensors(path, "recovery"), f"{option}: {path}")
+    return model.eval(), path, meta

@@ -79,7 +79,7 @@ def test_round_trip_three_shards(tmp_path: Path) -> None:
     w.finish()
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["complete"] is True and manifest["kind"] == "token-shards" and manifest["format_version"] == 1
+    assert manifest["complete"] is True and manifest["kind"] == "token-shards" and manifest["format_version"] == 2
     assert manifest["shards"] == {
         "00000": {"file": "shard_00000.safetensors", "count": 4},
         "00001": {"file": "shard_00001.safetensors", "count": 4},
@@ -89,6 +89,7 @@ def test_round_trip_three_shards(tmp_path: Path) -> None:
 
     raw = load_file(str(tmp_path / "shard_00000.safetensors"))
     assert raw["assign"].dtype == torch.int16 and raw["ids"].dtype == torch.int32 and raw["k"].dtype == torch.int32
+    assert raw["k"].shape == (4, 1) and raw["assign"].shape == (4, 1, N)  # one view per item
     assert raw["label"].dtype == torch.int64 and raw["index"].dtype == torch.int64
     assert raw["ids"].numel() == sum(KS)
 
@@ -214,3 +215,105 @@ def test_sha256_file(tmp_path: Path) -> None:
     assert sha256_file(p, chunk_size=1000) == hashlib.sha256(data).hexdigest()
     with pytest.raises(DataError):
         sha256_file(tmp_path / "absent.bin")
+
+
+# ---------------------------------------------------------------------------- several views per item
+
+V = 3
+
+
+def _view_items(n: int = NUM_ITEMS) -> list[list[dict[str, Any]]]:
+    """n items of V views each, every view with its own K."""
+    flat = _items(n * V, ks=[1, 4, 9, 16, 9])
+    return [[{**flat[j * V + v], "label": j % 3, "index": 200 + j} for v in range(V)] for j in range(n)]
+
+
+def _write_views(w: ShardWriter, i: int, items: list[list[dict[str, Any]]]) -> None:
+    sel = [items[j] for j in w.item_range(i)]
+    w.write(i, [view["ids"] for it in sel for view in it],
+            torch.stack([torch.stack([view["assign"] for view in it]) for it in sel]),
+            torch.tensor([it[0]["label"] for it in sel]), torch.tensor([it[0]["index"] for it in sel]))
+
+
+def test_views_round_trip_and_epoch_views(tmp_path: Path) -> None:
+    from mergevq_core.data.codes import EpochViews
+
+    items = _view_items()
+    views = {"mode": "synthetic", "count": V, "crop_range": 1.0}
+    w = _writer(tmp_path, views=views)
+    for i in w.pending():
+        _write_views(w, i, items)
+    w.finish()
+    raw = load_file(str(tmp_path / "shard_00001.safetensors"))
+    assert raw["k"].shape == (4, V) and raw["assign"].shape == (4, V, N)
+
+    ds = TokenShards(tmp_path)
+    assert ds.num_views == V and ds.views == views
+    for j, it in enumerate(items):
+        for v in range(V):
+            got = ds.get(j, v)
+            assert torch.equal(got["ids"], it[v]["ids"]) and torch.equal(got["assign"], it[v]["assign"])
+            assert got["k"] == it[v]["k"] and got["view"] == v and got["label"] == it[0]["label"]
+        assert torch.equal(ds[j]["ids"], it[0]["ids"])  # indexing gives the centre view
+    with pytest.raises(IndexError):
+        ds.get(0, V)
+    assert sum(ds.k_counts().values()) == NUM_ITEMS * V
+
+    ev = EpochViews(ds, range(2, NUM_ITEMS), seed=7)
+    drawn = []
+    for epoch in range(4):
+        ev.set_epoch(epoch)
+        drawn.append([ev.view_of(i) for i in range(2, NUM_ITEMS)])
+        for j in range(len(ev)):  # each item comes back in the view drawn for it
+            assert torch.equal(ev[j]["ids"], items[j + 2][drawn[-1][j]]["ids"])
+    assert len({tuple(d) for d in drawn}) > 1 and {v for d in drawn for v in d} == set(range(V))
+    again = EpochViews(ds, range(2, NUM_ITEMS), seed=7)
+    again.set_epoch(2)
+    assert [again.view_of(i) for i in range(2, NUM_ITEMS)] == drawn[2]  # a pure function: resume draws the same
+    other = EpochViews(ds, range(2, NUM_ITEMS), seed=8)
+    assert [[other.view_of(i, e) for i in range(2, NUM_ITEMS)] for e in range(4)] != drawn
+
+    with pytest.raises(DataError, match="views"):  # another view count cannot resume this folder
+        _writer(tmp_path, views={**views, "count": 2})
+
+
+def test_format_one_folders_are_still_read(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    items = _items(4)
+    k = torch.tensor([it["k"] for it in items], dtype=torch.int32)
+    save_file({"ids": torch.cat([it["ids"] for it in items]).int(), "k": k,
+               "assign": torch.stack([it["assign"] for it in items]).short(),
+               "label": torch.tensor([it["label"] for it in items]), "index": torch.tensor([it["index"] for it in items])},
+              str(tmp_path / "shard_00000.safetensors"))
+    manifest = {"format_version": 1, "kind": "token-shards", "tokenizer": {"checkpoint": "", "hash": HASH, "config": {}},
+                "codebook_size": CODEBOOK, "n_tokens": N, "grid": GRID, "tokens": {"mode": "sample", "keep": None},
+                "dataset": {}, "shard_size": 4, "num_items": 4,
+                "shards": {"00000": {"file": "shard_00000.safetensors", "count": 4}}, "complete": True}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    ds = TokenShards(tmp_path)
+    assert ds.num_views == 1 and ds.views["mode"] == "center"
+    _check_equal(ds, items)
+
+
+def test_shards_written_by_other_ranks_are_adopted(tmp_path: Path) -> None:
+    """Rank 1 writes shard files only; a run killed before rank 0 recorded them keeps them on resume, but a shard
+    file of another tokenizer is written again."""
+    items = _items()
+    owner = _writer(tmp_path)
+    follower = _writer(tmp_path, owner=False)
+    _write_shard(owner, 0, items)
+    _write_shard(follower, 1, items)
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"].keys() == {"00000"}
+    _writer(tmp_path / "elsewhere", tokenizer_info={"hash": "cd" * 32})  # a stranger's shard 2 lands here
+    stranger = _writer(tmp_path / "elsewhere", tokenizer_info={"hash": "cd" * 32})
+    _write_shard(stranger, 2, items)
+    (tmp_path / "elsewhere" / "shard_00002.safetensors").rename(tmp_path / "shard_00002.safetensors")
+
+    resumed = _writer(tmp_path)
+    assert resumed.pending() == [2]
+    _write_shard(resumed, 2, items)
+    resumed.finish()
+    _check_equal(TokenShards(tmp_path), items)
+    with pytest.raises(DataError, match="rank 0"):
+        _writer(tmp_path / "new", owner=False)

@@ -23,7 +23,7 @@ from .conftest import ROOT
 GENS = ("llamagen", "mergear", "randar")
 JSON_KEYS = {"ar_s", "ckpt", "classes", "consistency", "decode_s", "fid", "forward_passes_per_batch", "grid", "images",
              "images_per_s", "inception_score", "n_per_class", "npz", "sampler", "settings", "tokenizer", "tokens",
-             "tokens_per_s", "wall_s", "samples", "made", "other_s"}
+             "tokens_per_s", "wall_s", "samples", "made", "other_s", "recovery"}
 AR_FAST = ("model.depth=1", "model.dim=32", "model.heads=4", "model.vocab_size=null", "model.n_tokens=null",
            "model.num_classes=null", "train.batch_size=16", "train.micro_batch=16", "train.eval_every=1000",
            "train.ckpt_every=1000", "data.val_items=16")

@@ -32,7 +32,7 @@ def as_tuple(x):
 
 def forced(g, targets, record):
     """A pick function that feeds `targets` (B, T) in order and records every logit it is shown."""
-    def pick(t, i, logits):
+    def pick(t, i, logits, decoded=None):
         record[(t, i)] = logits.clone()
         return g.gpt.split_ids(targets[:, t])[i]
     return pick
@@ -191,7 +191,8 @@ def test_cfg_scale_one_is_conditional_and_schedule():
     cond, uncond = torch.randn(2, 8), torch.randn(2, 8)
     torch.testing.assert_close(guide(torch.cat([cond, uncond]), 1.0), cond)
     torch.testing.assert_close(guide(torch.cat([cond, uncond]), 0.0), uncond)
-    assert cfg_scale_at(4.0, "linear", 0, 10) == 1.0 and cfg_scale_at(4.0, "linear", 9, 10) == 4.0
+    # RandAR's 1 + (s - 1)·decoded/N: unguided before the first token, 1 + 3·9/10 = 3.7 before the last of 10
+    assert cfg_scale_at(4.0, "linear", 0, 10) == 1.0 and cfg_scale_at(4.0, "linear", 9, 10) == pytest.approx(3.7)
     assert cfg_scale_at(4.0, "constant", 0, 10) == 4.0
     with pytest.raises(ValueError):
         SamplingSettings(cfg_schedule="cosine")

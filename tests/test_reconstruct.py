@@ -235,7 +235,7 @@ def test_tokenize_then_decode_equals_reconstruct_bit_for_bit(run, mixed, tmp_pat
     from mergevq_core.data.codes import TokenShards
     from mergevq_core.eval.reconstruct import collect_images, load_images
 
-    api.tokenize(mixed, tmp_path / "tok", ckpt=run, tokens=16, device="cpu", batch=1, shard_size=2)
+    api.tokenize(mixed, tmp_path / "tok", ckpt=run, tokens=16, views="center", device="cpu", batch=1, shard_size=2)
     shards = TokenShards(tmp_path / "tok")
     tok, _ = api.load_tokenizer(run, "cpu")
     files = collect_images([mixed])
@@ -249,11 +249,71 @@ def test_tokenize_then_decode_equals_reconstruct_bit_for_bit(run, mixed, tmp_pat
             assert torch.equal(tok.decode(item["ids"][None], item["assign"][None]), tok.decode(enc.ids, enc.assign))
 
 
+def test_tokenize_views_are_the_crops_and_mirrors(run, mixed, tmp_path):
+    """Ten-crop at crop range 1.25: every stored view is the tokenizer's encoding of that crop; K drawn per view."""
+    from mergevq_core.data.codes import TokenShards
+    from mergevq_core.data.images import load_rgb
+    from mergevq_core.data.views import TokenizeViews
+    from mergevq_core.eval.reconstruct import collect_images
+
+    api.tokenize(mixed, tmp_path / "tok", ckpt=run, tokens_sample=True, crop_range=1.25, device="cpu", batch=1,
+                 shard_size=2)
+    shards = TokenShards(tmp_path / "tok")
+    tok, _ = api.load_tokenizer(run, "cpu")
+    make = TokenizeViews(tok.cfg.model.image_size, "ten-crop", 1.25)
+    assert shards.num_views == 10 and shards.views == make.describe()
+    files = collect_images([mixed])
+    ks = set()
+    with torch.no_grad():
+        for i, f in enumerate(files):
+            views = make.signed(make(load_rgb(f))["views"])
+            assert torch.equal(views[5], views[0].flip(-1)) and not torch.equal(views[1], views[0])
+            for v in range(10):
+                item = shards.get(i, v)
+                enc = tok.encode(views[v : v + 1], tokens=item["k"])
+                assert torch.equal(item["ids"], enc.ids[0]) and torch.equal(item["assign"], enc.assign[0]), (f, v)
+                ks.add(item["k"])
+    assert len(ks) > 1
+
+
+def _shard_bytes(folder):
+    """Every shard's tensors (as bytes) and header (safetensors writes its header keys in no fixed order)."""
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(folder.glob("shard_*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            out[p.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())})
+    return out
+
+
+def test_tokenize_workers_and_two_torchrun_ranks_write_the_same_shards(run, tmp_path):
+    one = api.tokenize("shapes", tmp_path / "one", ckpt=run, tokens_sample=True, limit=10, device="cpu", batch=16,
+                       shard_size=3)
+    assert one.views == 10 and one.encoded == 10
+    api.tokenize("shapes", tmp_path / "w", ckpt=run, tokens_sample=True, limit=10, device="cpu", batch=16,
+                 shard_size=3, workers=2)
+    want = _shard_bytes(tmp_path / "one")
+    assert len(want) == 4 and _shard_bytes(tmp_path / "w") == want
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29543",
+           "-m", "mergevq_cli", "tokenize", "shapes", "--ckpt", str(run), "--tokens-sample", "--limit", "10",
+           "--batch", "16", "--shard-size", "3", "--workers", "1", "--out", str(out), "--device", "cpu", "--json"]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    obj = json.loads(res.stdout)  # only rank 0 prints
+    assert obj["processes"] == 2 and obj["encoded"] == 10 and obj["skipped_shards"] == 0
+    assert _shard_bytes(out) == want
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "one", out))
+    assert m2["complete"] is True and m2["shards"] == m1["shards"]
+
+
 def test_tokenize_resumes_and_refuses_another_tokenizer(run, tmp_path, monkeypatch):
-    from mergevq_core.data import codes
+    from mergevq_core.data import codes, shard_writer
 
     full = api.tokenize("shapes", tmp_path / "full", ckpt=run, tokens_sample=True, limit=10, device="cpu", shard_size=4)
-    real_write, calls = codes.ShardWriter.write, {"n": 0}
+    real_write, calls = shard_writer.ShardWriter.write, {"n": 0}
 
     def dies_after_one(self, *a, **k):
         if calls["n"] == 1:
@@ -261,10 +321,10 @@ def test_tokenize_resumes_and_refuses_another_tokenizer(run, tmp_path, monkeypat
         calls["n"] += 1
         return real_write(self, *a, **k)
 
-    monkeypatch.setattr(codes.ShardWriter, "write", dies_after_one)
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         api.tokenize("shapes", tmp_path / "part", ckpt=run, tokens_sample=True, limit=10, device="cpu", shard_size=4)
-    monkeypatch.setattr(codes.ShardWriter, "write", real_write)
+    monkeypatch.setattr(shard_writer.ShardWriter, "write", real_write)
     with pytest.raises(DataError, match="incomplete"):
         codes.TokenShards(tmp_path / "part")
     again = api.tokenize("shapes", tmp_path / "part", ckpt=run, tokens_sample=True, limit=10, device="cpu", shard_size=4)

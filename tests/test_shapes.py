@@ -114,7 +114,8 @@ def test_fresh_dino_alignment_gives_a_moderate_gradient(tokenizer):
 
 def test_sincos_position_embedding_tells_interior_tokens_apart():
     """A flat image: without a position embedding the encoder's interior tokens are identical (only the conv
-    padding marks the border); with `pos_embed: sincos` every token differs, so codes can say where they lie."""
+    padding marks the border); with `pos_embed: sincos` every token differs, so codes can say where they lie.
+    Under zero conv biases (`all-trunc-normal`), so the border's zero padding is not carried inwards by a bias."""
     from mergevq_core.models.encoder import sincos_grid_embedding
 
     emb = sincos_grid_embedding(4, 6, 32)
@@ -122,7 +123,8 @@ def test_sincos_position_embedding_tells_interior_tokens_apart():
     x = torch.zeros(1, 3, 32, 32)
     interior = []
     for pe in ("none", "sincos"):
-        tok = build_tokenizer(small_config(ROOT / "recipes" / "tiny.yaml", (f"model.encoder.pos_embed={pe}",))).eval()
+        extra = (f"model.encoder.pos_embed={pe}", "model.init_scheme=all-trunc-normal")
+        tok = build_tokenizer(small_config(ROOT / "recipes" / "tiny.yaml", extra)).eval()
         n = tok.n_tokens
         with torch.no_grad():
             out = tok.encoder(x, [0] * len(tok.encoder.blocks))  # K = N: no merging

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mergevq_core.api import train_ar
-from mergevq_core.data.codes import ShardWriter
+from mergevq_core.data.shard_writer import ShardWriter
 from mergevq_core.errors import ConfigError, MergeVQError
 from mergevq_core.checkpoint import latest_checkpoint, read_meta
 
@@ -32,23 +32,25 @@ FAST = ("model.depth=2", "model.dim=32", "model.heads=4", "model.vocab_size=null
         "data.val_items=32")
 
 
-def make_shards(out: Path, items: int = 192, seed: int = 0) -> Path:
-    """Merged grids like a tokenizer's: K ∈ {4, 9, 16} coarse blocks, ids that depend on the class and the block."""
+def make_shards(out: Path, items: int = 192, seed: int = 0, views: int = 2) -> Path:
+    """Merged grids like a tokenizer's: K ∈ {4, 9, 16} coarse blocks, ids that depend on the class and the block;
+    each item in `views` views (its own K and noise each), as `tokenize --views flip` stores them."""
     g = torch.Generator().manual_seed(seed)
     w = ShardWriter(out, {"checkpoint": "synthetic-tokenizer", "hash": "0" * 64}, codebook_size=VOCAB, n_tokens=N,
                     grid=4, tokens_mode="sample", keep=None, dataset_info={"source": "synthetic", "num_classes": CLASSES},
-                    num_items=items, shard_size=64)
+                    num_items=items, shard_size=64, views={"mode": "synthetic", "count": views, "crop_range": 1.0})
     r = torch.arange(4)
     for i in w.pending():
         idx = list(w.item_range(i))
-        ids, assign, labels = [], torch.empty(len(idx), N, dtype=torch.long), torch.empty(len(idx), dtype=torch.long)
+        ids, assign, labels = [], torch.empty(len(idx), views, N, dtype=torch.long), torch.empty(len(idx), dtype=torch.long)
         for j, _ in enumerate(idx):
-            s = int(torch.randint(2, 5, (1,), generator=g))
             label = int(torch.randint(0, CLASSES, (1,), generator=g))
-            rows, cols = r[:, None] * s // 4, r[None, :] * s // 4
-            assign[j] = (rows * s + cols).flatten()
-            noise = torch.randint(0, 2, (s * s,), generator=g)
-            ids.append((label * 16 + torch.arange(s * s) * 3 + noise) % VOCAB)
+            for v in range(views):
+                s = int(torch.randint(2, 5, (1,), generator=g))
+                rows, cols = r[:, None] * s // 4, r[None, :] * s // 4
+                assign[j, v] = (rows * s + cols).flatten()
+                noise = torch.randint(0, 2, (s * s,), generator=g)
+                ids.append((label * 16 + torch.arange(s * s) * 3 + noise) % VOCAB)
             labels[j] = label
         w.write(i, ids, assign, labels, torch.tensor(idx))
     w.finish()
@@ -209,3 +211,27 @@ def test_init_starts_a_new_run_from_trained_weights(tmp_path, shards):
     with pytest.raises(MergeVQError, match="checkpoint not found"):
         train_ar(ROOT / "recipes/ar/tiny.yaml", fast(shards), generator="mergear", out=tmp_path / "e", max_steps=1,
                  device="cpu", init=tmp_path / "missing")
+
+
+def test_training_sees_one_view_per_item_per_epoch(shards):
+    """Through the training loop's batch stream (with a DataLoader worker, which gets the epoch too), each item
+    comes in the view `EpochViews` draws for that epoch, and both views occur."""
+    from mergevq_core.data.codes import EpochViews, TokenShards, collate_tokens
+    from mergevq_core.dist import DistInfo
+    from mergevq_core.train.loop import BatchStream
+
+    ds = TokenShards(shards)
+    assert ds.num_views == 2
+    ev = EpochViews(ds, range(len(ds)), seed=3)
+    stream = BatchStream(ev, 16, seed=3, num_workers=1, dist=DistInfo(0, 1, 0, torch.device("cpu")),
+                         collate_fn=collate_tokens)
+    seen = {0: [], 1: []}
+    for epoch in (0, 1):
+        for _ in range(stream.sampler.batches_per_epoch):
+            b = stream.next()
+            for row, i in enumerate(b["index"].tolist()):
+                v = ev.view_of(i, epoch)
+                want = ds.get(i, v)
+                assert int(b["k"][row]) == want["k"] and torch.equal(b["ids"][row, : want["k"]], want["ids"])
+                seen[epoch].append((i, v))
+    assert {v for _, v in seen[0]} == {0, 1} and dict(seen[0]) != dict(seen[1])

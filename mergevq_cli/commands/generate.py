@@ -21,6 +21,8 @@ Examples:
 
   mergevq generate --class 0 --class 1 --per-class 100 --sampler mergear --fid shapes --consistency --json
 
+  mergevq generate --classes all --sampler randar --recovery runs/recovery-randar   # tuned source recovery
+
   torchrun --nproc-per-node 8 -m mergevq_cli generate --classes all --per-class 50 --sampler mergear \\
       --ckpt runs/mergear-l --cfg 2 --out samples/mergear-50k         # the paper's 50k; run again to resume
   mergevq evaluate samples/mergear-50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz
@@ -31,9 +33,10 @@ class _Bar(console.BarProgress):
     """The sampling bar (AR tokens/s), headed by one line saying what samples."""
 
     def start(self, stage: str, total: int, done: int = 0, **info) -> None:
-        extra = f", {info['steps']} steps" if info["steps"] else ""
-        self.note(f"{info['sampler']} {info['ckpt']} (tokenizer {info['tokenizer']}) on {info['device']}: "
-                  f"{total} images, K {info['tokens']}{extra}")
+        if stage == "sample":  # the later stages (--fid's reference and samples) say what they do in notes
+            extra = f", {info['steps']} steps" if info["steps"] else ""
+            self.note(f"{info['sampler']} {info['ckpt']} (tokenizer {info['tokenizer']}) on {info['device']}: "
+                      f"{total} images, K {info['tokens']}{extra}")
         super().start(stage, total, done)
 
 
@@ -45,8 +48,9 @@ def generate(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Samples in all, spread evenly over the classes (instead of --per-class).")] = None,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Generator run or checkpoint (default: the newest run of --sampler).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer run, if it moved since the generator was trained.")] = None,
+    recovery: Annotated[Optional[Path], typer.Option("--recovery", help="randar: decode with the source recovery model of this `mergevq tune-recovery` run instead of the tokenizer's.")] = None,
     cfg: Annotated[str, typer.Option("--cfg", help="Guidance scale (1 = off); one value, or one per sub-token: 1.9,2.0.")] = "1.0",
-    cfg_schedule: Annotated[str, typer.Option("--cfg-schedule", help="constant, or linear from 1 to --cfg (RandAR).")] = "constant",
+    cfg_schedule: Annotated[str, typer.Option("--cfg-schedule", help="constant, or linear: 1 + (cfg − 1)·decoded/N (RandAR's); default: linear for randar (the paper), constant otherwise.")] = "auto",
     temperature: Annotated[str, typer.Option("--temperature", help="Sampling temperature (per sub-token: 1.1,1.0).")] = "1.0",
     top_k: Annotated[str, typer.Option("--top-k", help="Keep the k most likely ids (0 = all).")] = "0",
     top_p: Annotated[str, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = "1.0",
@@ -68,8 +72,10 @@ def generate(
     """Sample images of the given classes with LlamaGen, MergeAR or RandAR and decode them with the tokenizer."""
     from mergevq_core.errors import ConfigError
     from mergevq_core.generation import generate_images
-    from mergevq_core.generators import SamplingSettings
+    from mergevq_core.generators import GENERATORS, SamplingSettings
 
+    if cfg_schedule == "auto":
+        cfg_schedule = GENERATORS[sampler].default_cfg_schedule if sampler in GENERATORS else "constant"
     try:
         top_k_v = per_sub_token(top_k, "--top-k")
         settings = SamplingSettings(
@@ -88,7 +94,7 @@ def generate(
                               tokens=tokens, steps=steps, seed=seed, batch=batch, out=out, device=device,
                               tokenizer=tokenizer, fid=fid, inception_weights=inception_weights,
                               with_consistency=consistency, png=png, grid_rows=grid_rows, grid_cols=grid_cols,
-                              shard_size=shard_size, progress=bar)
+                              shard_size=shard_size, recovery=recovery, progress=bar)
     if not console.is_main_process():
         return
     if json_:
@@ -98,6 +104,7 @@ def generate(
     kept = f", {res.samples - res.made} kept from before" if res.made < res.samples else ""
     share = res.other_s / max(res.wall_s, 1e-9)
     rows = [("samples", f"{res.samples} ({len(res.classes)} classes{per}{kept}) → {res.npz}"),
+            *([("source recovery", f"tuned: {res.recovery['checkpoint']}")] if res.recovery else []),
             ("grid", res.grid), ("time", f"{res.wall_s:.2f} s: AR {res.ar_s:.2f} s, tokenizer decode {res.decode_s:.2f} s, "
                                          f"other {res.other_s:.2f} s ({share:.0%})"),
             ("speed", f"{res.tokens_per_s:,.0f} tok/s, {res.images_per_s:.2f} img/s")]

@@ -34,9 +34,11 @@ def _describe(what: str, procs: str, info: dict[str, Any]) -> str:
     if info.get("init"):
         what += f" from {info['init']}"
     ks = ", ".join(f"{k}: {n}" for k, n in info["k_counts"].items())
+    views = info.get("views") or {}
+    seen = f", {views['count']} {views['mode']} views per item, one drawn per epoch" if views.get("count", 1) > 1 else ""
     return (f"{what} {info['generator']} ({info['params'] / 1e6:.2f}M params) on {info['device']}{procs}, batch "
             f"{info['batch_size']} (accumulation {info['accum']}), {info['train_items']:,} items + "
-            f"{info['val_items']:,} held out (K per item: {ks}) → {info['run_dir']}")
+            f"{info['val_items']:,} held out{seen} (K per view: {ks}) → {info['run_dir']}")
 
 
 def _shards(shards: Path | None, tokens: Path | None) -> Path | None:

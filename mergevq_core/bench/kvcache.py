@@ -128,8 +128,8 @@ def _pick_forced(gen: Any, ids: Tensor, draw: Pick, rows: int) -> Pick:
     """Draw a sample with the real sampler `draw` (the cost is real), feed the forced id."""
     subs = gen.gpt.split_ids(ids)
 
-    def pick(t: int, i: int, logits: Tensor) -> Tensor:
-        draw(t, i, logits)
+    def pick(t: int, i: int, logits: Tensor, /, decoded: int | None = None) -> Tensor:
+        draw(t, i, logits, decoded=decoded)
         sub = subs[i][:, t]
         return sub.repeat(rows // sub.shape[0]) if rows != sub.shape[0] else sub
 

@@ -5,6 +5,8 @@
 - `training`: `TrainLoopConfig`, the training-loop fields and checks both stages' `train:` sections share.
 - `loader`: YAML, `--set` overrides, the strict builder with one-line "did you mean" errors, `CONFIG_KINDS`
   (`kind:` → class) and `load_recipe`, which `load_config` / `load_ar_config` / `load_any_config` wrap.
+- `version`: `CONFIG_VERSION` and `upgrade_config`, which keeps an older saved config's behaviour
+  (`config_from_saved` reads a checkpoint's config through it).
 """
 
 from .ar import GENERATOR_NAMES, ARDataConfig, ARRunConfig, ARTrainConfig, GeneratorConfig, GPTModelConfig
@@ -13,6 +15,7 @@ from .loader import (
     apply_overrides,
     build_config,
     config_from_dict,
+    config_from_saved,
     config_to_dict,
     load_any_config,
     load_ar_config,
@@ -38,6 +41,7 @@ from .tokenizer import (
     model_preset,
 )
 from .training import TrainLoopConfig
+from .version import CONFIG_VERSION, upgrade_config
 
 __all__ = [
     # stage 1
@@ -49,5 +53,6 @@ __all__ = [
     "TrainLoopConfig",
     # loading
     "CONFIG_KINDS", "load_recipe", "load_config", "load_ar_config", "load_any_config", "config_from_dict",
-    "build_config", "config_to_dict", "apply_overrides", "parse_override", "read_yaml", "recipe_kind",
+    "config_from_saved", "build_config", "config_to_dict", "apply_overrides", "parse_override", "read_yaml",
+    "recipe_kind", "CONFIG_VERSION", "upgrade_config",
 ]

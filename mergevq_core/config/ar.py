@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from ._checks import _check, _one_of
 from .training import TrainLoopConfig
+from .version import CONFIG_VERSION
 
 GENERATOR_NAMES = ("llamagen", "mergear", "randar")
 
@@ -25,7 +26,7 @@ class GPTModelConfig:
     num_classes: int | None = None  # None: from the token shards' labels
     factorized: tuple[int, ...] | None = None  # sub-token bits, LSB first; None: (6, 12) for 2^18, one head up to
     factor_depth: int = 2  # 2^14, else two halves. [] forces one head. factor_depth: intra-position blocks
-    dropout: float = 0.1  # residual and FFN dropout
+    dropout: float = 0.1  # on the attention output and on the FFN output, once each (LlamaGen's resid/ffn dropout)
     token_dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -55,9 +56,15 @@ class GeneratorConfig:
     mask_groups: str = "id"  # mergear: representatives by first occurrence of the id, or of the source group
     tokens: int | None = None  # K at inference (mergear's M, randar's slots); None: most common K of the shards
     steps: int | None = None  # randar parallel decoding steps; None: 88 for 256 tokens, 64 for 144
+    # Rotation of the position-free prefix tokens (class; MergeAR's M): identity (cos 1, sin 0), or zero (cos = sin
+    # = 0, LlamaGen's and the release's freqs_cis rows for the class slot, which zero the prefix's q and k: every
+    # query gives it logit 0 and it attends uniformly; RandAR keeps this). The recipes use identity: the class
+    # token's keys then carry its content, and the checkpoints trained so far use it.
+    prefix_rope: str = "identity"
 
     def __post_init__(self) -> None:
         _one_of(self.name, "generator.name", GENERATOR_NAMES)
+        _one_of(self.prefix_rope, "generator.prefix_rope", ("identity", "zero"))
         _one_of(self.mask_groups, "generator.mask_groups", ("id", "source"))
         _check(self.window is None or self.window >= 1, "generator.window must be >= 1")
         if self.tokens is not None:
@@ -99,16 +106,23 @@ class ARTrainConfig(TrainLoopConfig):
 @dataclass(frozen=True, kw_only=True)
 class ARRunConfig:
     kind: Literal["ar"] = "ar"
+    version: int = CONFIG_VERSION  # config version (config/version.py); older saved configs are upgraded on load
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     model: GPTModelConfig = field(default_factory=GPTModelConfig)
     data: ARDataConfig = field(default_factory=ARDataConfig)
     train: ARTrainConfig = field(default_factory=ARTrainConfig)
 
+    def __post_init__(self) -> None:
+        _check(self.version == CONFIG_VERSION,
+               f"version={self.version}: older configs are built through config_from_dict / config_from_saved")
+
     def generator_options(self, default_tokens: int | None = None) -> dict[str, Any]:
         """Keyword options of the registered generator class."""
         g = self.generator
+        common = {"prefix_rope": g.prefix_rope}
         if g.name == "mergear":
-            return {"window": g.window, "mask_groups": g.mask_groups, "default_tokens": g.tokens or default_tokens}
+            return {**common, "window": g.window, "mask_groups": g.mask_groups,
+                    "default_tokens": g.tokens or default_tokens}
         if g.name == "randar":
-            return {"default_tokens": g.tokens or default_tokens}
-        return {}
+            return {**common, "default_tokens": g.tokens or default_tokens}
+        return common

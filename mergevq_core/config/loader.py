@@ -3,6 +3,8 @@
 `load_recipe(path, overrides)` reads YAML with `yaml.safe_load` once, applies `--set a.b.c=value` pairs to the
 raw mapping, then builds the dataclasses of the recipe's kind recursively. Unknown keys fail with the closest
 valid key; cross-field checks live in `__post_init__` so every way of building a config is validated.
+A config saved by an older toolkit (a checkpoint's meta.json) is read with `config_from_saved`, which upgrades it
+(`version.upgrade_config`) so it keeps the behaviour it was trained with.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 from ..errors import ConfigError
 from .ar import ARRunConfig
 from .tokenizer import ModelConfig, RunConfig, model_preset
+from .version import config_kind, upgrade_config
 
 CONFIG_KINDS: dict[str, type] = {"tokenizer": RunConfig, "ar": ARRunConfig}  # recipe `kind:` → run config class
 _WRONG_KIND = {  # load_recipe(expect=...) found the other kind
@@ -168,9 +171,27 @@ def config_from_dict(data: dict[str, Any], where: str = "", *, kind: Literal["ar
 
 
 def config_from_dict(data: dict[str, Any], where: str = "", kind: str | None = None) -> Any:
-    """A run config from a plain mapping (a recipe, a checkpoint's saved config): an ARRunConfig when `kind` or
-    the mapping's own kind is "ar", else a RunConfig (which rejects any other kind)."""
-    return build_config(ARRunConfig if (kind or data.get("kind")) == "ar" else RunConfig, data, where)
+    """A run config from a plain mapping written now (a recipe, `config_to_dict` output): an ARRunConfig when
+    `kind` or the mapping's own kind is "ar", else a RunConfig (which rejects any other kind). A mapping without
+    `version` is current; one with an older `version` is upgraded. Use `config_from_saved` for a config read
+    from a checkpoint or run folder."""
+    cls = ARRunConfig if config_kind(data, kind) == "ar" else RunConfig
+    return build_config(cls, upgrade_config(data, kind, saved=False), where)
+
+
+@typing.overload
+def config_from_saved(data: dict[str, Any], where: str = "", kind: None = None) -> RunConfig: ...
+
+
+@typing.overload
+def config_from_saved(data: dict[str, Any], where: str = "", *, kind: Literal["ar"]) -> ARRunConfig: ...
+
+
+def config_from_saved(data: dict[str, Any], where: str = "", kind: str | None = None) -> Any:
+    """`config_from_dict` for a config a checkpoint or run folder saved: a mapping without `version` was
+    written before config versions existed (version 1) and is upgraded to build a model that behaves as it did."""
+    cls = ARRunConfig if config_kind(data, kind) == "ar" else RunConfig
+    return build_config(cls, upgrade_config(data, kind, saved=True), where)
 
 
 def load_recipe(path: str | Path, overrides: Overrides = (), expect: str | None = None) -> Any:
@@ -183,7 +204,7 @@ def load_recipe(path: str | Path, overrides: Overrides = (), expect: str | None 
     if expect is not None and kind != expect:
         raise ConfigError(_WRONG_KIND[kind].format(path=path))
     try:
-        return build_config(CONFIG_KINDS[kind], data)
+        return build_config(CONFIG_KINDS[kind], upgrade_config(data, kind, saved=False))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 from ._checks import _check, _one_of
 from .training import TrainLoopConfig
+from .version import CONFIG_VERSION
 
 
 # ----------------------------------------------------------------------------- model
@@ -61,6 +62,10 @@ class DecoderConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     layer_scale: float = 1e-5
+    # AdaGN's spatial std of z: sqrt(var + 1e-6) with the unbiased variance (÷ (n - 1)), as the release's
+    # `var(dim=-1)` computes (its "not unbias" comment is wrong about its own code); the paper does not say.
+    # false: the biased variance (÷ n), what configs before version 2 used.
+    adagn_unbiased: bool = True
 
     def __post_init__(self) -> None:
         _check(self.dim == self.ch * self.ch_mult[-1], f"model.decoder.dim={self.dim} must equal ch*ch_mult[-1]")
@@ -98,8 +103,18 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     align_head: AlignHeadConfig = field(default_factory=AlignHeadConfig)
+    # LayerNorm eps of the encoder's and decoder's transformer blocks: 1e-5, the release's (timm blocks, PyTorch's
+    # default); the paper does not say. Configs before version 2 used 1e-6.
+    norm_eps: float = 1e-5
+    # release: trunc_normal(0.02) on the Linear and conv layers of the transformer blocks (encoder and decoder) and
+    # of the source recovery model, PyTorch's defaults on the CNN parts (stem, code projection, decoder convs and
+    # ResBlocks), as the release initialises; the paper does not say. all-trunc-normal: trunc_normal(0.02) on every
+    # Linear and conv, what configs before version 2 used (it matters only to a new run: checkpoints hold weights).
+    init_scheme: str = "release"
 
     def __post_init__(self) -> None:
+        _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+        _one_of(self.init_scheme, "model.init_scheme", ("release", "all-trunc-normal"))
         ds = self.encoder.downsample
         _check(
             self.image_size % ds == 0,
@@ -178,7 +193,9 @@ class QuantConfig:
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
     keep: int = 256  # K, the merged tokens kept (a perfect square ≤ N); the release stores N-K instead
-    schedule: str = "linear"  # linear (release: 1.5r → 0.5r, remainder on layer 0) | square
+    # square: the paper's "square decreasing schedule" (A.1), merges per block ∝ (depth - l)²;
+    # linear: the release's (ToMe's decreasing ramp 1.5r → 0.5r, remainder on block 0)
+    schedule: str = "square"
     sampler: str = "gaussian"  # keep-count sampling in training: gaussian | exponential | fixed
     candidates: int = 6  # how many perfect squares around K the sampler draws from
     proportional_attn: bool = True  # attention logits + log(size), paper Eq. 14
@@ -200,7 +217,10 @@ class LossConfig:
     perceptual_weight: float = 0.7  # LPIPS-VGG; paper 0.7, release 1.0
     vgg_weights: str | None = None  # torchvision vgg16 state dict; default $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth
     gan_weight: float = 0.1  # generator adversarial weight (release gen_loss_weight)
-    disc_weight: float = 0.8  # paper's "discriminator loss 0.8" (release: only feeds an unused adaptive weight)
+    # weight of the discriminator's loss (hinge + LeCam) in its update: paper Table A1 "discriminator loss 0.8".
+    # The release's disc_weight 0.8 only feeds an adaptive generator weight that gen_loss_weight bypasses, so it
+    # changes nothing there; configs before version 2 stored it but applied 1.0.
+    disc_weight: float = 0.8
     gan_start: int = 0  # step from which the adversarial terms are on
     disc_ndf: int = 64
     disc_layers: int = 3
@@ -212,14 +232,16 @@ class LossConfig:
     align_weight: float = 1.0  # paper Eq. 10
     align_teacher: str = "dinov2"  # dinov2 (local weights) | ema (self-distillation) | none
     teacher_weights: str | None = None  # local timm vit_base_patch14_dinov2 weights
-    align_loss: str = "kl"  # kl (release, T^2-scaled) | ce (DINO-style, paper wording)
-    align_temperature: float = 4.0
+    # ce: the paper's Eq. 10, DINO-style cross-entropy (centred teacher at τ 0.04, student at τ 0.1);
+    # kl: the release's T²·KL(softmax(t/T) ‖ softmax(s/T)) at T = align_temperature (release: 4, i.e. ×16)
+    align_loss: str = "ce"
+    align_temperature: float = 4.0  # kl only
 
     def __post_init__(self) -> None:
         _one_of(self.recon, "loss.recon", ("l2", "l1"))
         _one_of(self.align_teacher, "loss.align_teacher", ("dinov2", "ema", "none"))
         _one_of(self.align_loss, "loss.align_loss", ("kl", "ce"))
-        for name in ("recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "entropy_weight",
+        for name in ("recon_weight", "perceptual_weight", "gan_weight", "disc_weight", "lecam_weight", "entropy_weight",
                      "commit_weight", "source_weight", "align_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0")
 
@@ -253,6 +275,7 @@ class TrainConfig(TrainLoopConfig):
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     kind: Literal["tokenizer"] = "tokenizer"
+    version: int = CONFIG_VERSION  # config version (config/version.py); older saved configs are upgraded on load
     model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["mergevq-g"])
     quant: QuantConfig = field(default_factory=QuantConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
@@ -261,6 +284,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        _check(self.version == CONFIG_VERSION,
+               f"version={self.version}: older configs are built through config_from_dict / config_from_saved")
         n = self.model.n_tokens
         _check(self.merge.keep <= n, f"merge.keep={self.merge.keep} exceeds N={n} tokens ({self.model.grid}x{self.model.grid})")
         for k in self.train.eval_tokens:

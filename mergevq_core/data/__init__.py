@@ -6,7 +6,8 @@ alignment, `"teacher"` (ImageNet-normalised) and `"student"` views; the default 
 
 from __future__ import annotations
 
-from .codes import ShardWriter, TokenShards, collate_tokens, sha256_file
+from .codes import TokenShards, collate_tokens, sha256_file
+from .shard_writer import ShardWriter
 from .images import IMAGE_EXTENSIONS, ImageFolder, list_images, load_rgb, pil_to_tensor
 from .photos import PhotosDataset, photo_paths
 from .sampler import ResumableSampler

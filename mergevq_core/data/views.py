@@ -164,3 +164,50 @@ class TokenizerViews:
             f"TokenizerViews(size={self.size}, teacher_size={self.teacher_size}, "
             f"student_size={self.student_size}, train={self.train}, align={self.align})"
         )
+
+
+VIEW_COUNTS = {"center": 1, "flip": 2, "ten-crop": 10}
+
+
+class TokenizeViews:
+    """The views `mergevq tokenize` stores per image → `{"views": (V, 3, S, S)}` in the input's dtype (uint8 for
+    files, so DataLoader workers hand over 4× fewer bytes; `signed` turns them into [-1, 1]).
+
+    The shorter side is resized (bilinear, antialiased) to round(size · crop_range) and the centred square of
+    that side is kept; then `center` takes its centre size×size crop (with crop_range 1 exactly the evaluation
+    view `reconstruct` uses), `flip` adds that crop mirrored, `ten-crop` (LlamaGen's extraction) takes the
+    centre and the four corner crops and their mirror images. View 0 is always the centre crop. Deterministic:
+    the generator is not drawn from."""
+
+    def __init__(self, size: int, mode: str = "ten-crop", crop_range: float = 1.1) -> None:
+        if mode not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {', '.join(VIEW_COUNTS)}, got {mode!r}")
+        if not 1.0 <= crop_range <= 2.0:
+            raise ValueError(f"crop_range must be in [1, 2], got {crop_range}")
+        self.size, self.mode, self.crop_range = int(size), mode, float(crop_range)
+        self.side = max(self.size, round(self.size * self.crop_range))
+
+    @property
+    def count(self) -> int:
+        return VIEW_COUNTS[self.mode]
+
+    def describe(self) -> dict[str, object]:
+        return {"mode": self.mode, "count": self.count, "crop_range": self.crop_range}
+
+    def __call__(self, img: ImageLike, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        x = _center_crop(_resize_short(as_tensor(img), self.side, InterpolationMode.BILINEAR), self.side)
+        s, d = self.size, self.side - self.size
+        crops = [_center_crop(x, s)]
+        if self.mode == "ten-crop":
+            crops += [x[..., :s, :s], x[..., :s, d:], x[..., d:, :s], x[..., d:, d:]]
+        if self.mode != "center":
+            crops += [TF.horizontal_flip(c) for c in crops]
+        return {"views": torch.stack([c.contiguous() for c in crops])}
+
+    @staticmethod
+    def signed(views: torch.Tensor) -> torch.Tensor:
+        """uint8 or [-1, 1] float views → float32 in [-1, 1]."""
+        return _to_signed(views)
+
+    def __repr__(self) -> str:
+        return f"TokenizeViews(size={self.size}, mode={self.mode!r}, crop_range={self.crop_range})"

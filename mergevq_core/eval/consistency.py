@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..fileio import write_atomic
 
-__all__ = ["SmallCNN", "classifier_for", "consistency_of_chunks", "references_at"]
+__all__ = ["SmallCNN", "classifier_for", "consistency_of_chunks", "predicted_source_reference", "references_at"]
 
 CLASSIFIER_DIR = Path("runs") / "classifiers"
 PREDICTED_ASSIGN = "canonical"  # how val_acc_recon_predicted decoded: tokenizer.predict_assign(constrained=True)
@@ -170,6 +170,14 @@ def references_at(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, devi
     if meta.get("folder"):
         _save_meta(Path(meta["folder"]), meta)
     return ref
+
+
+def predicted_source_reference(model: nn.Module, tok: Any, meta: dict[str, Any], k: int, device: torch.device) -> float | None:
+    """The classifier's accuracy on its held-out reconstructions at K = k decoded with the source that `tok`'s
+    recovery model predicts now, e.g. a tuned one (`generate --recovery`): measured each time, never cached, as
+    the cache holds the tokenizer's own figures."""
+    xv, yv = _labelled_images(meta["data"], meta["size"], 1000, "val")
+    return _predicted_source_acc(model, tok, xv, yv, k, device)
 
 
 def consistency_of_chunks(model: nn.Module, chunks: Iterable[tuple[Any, Any]], device: torch.device) -> dict[str, Any]:

@@ -5,7 +5,9 @@ The interface: `check_k` / `check_steps` resolve and validate the user's K and s
 batch of labels into merged tokens (`Sampled`), `seq_len(k)` is the number of image tokens it decodes per image,
 `summarize_stats` turns the per-batch decoding statistics into result keys, `needs_source_recovery` says whether
 the tokenizer must predict `assign`, `reference_k` is the K its samples are compared at, and
-`train_sequence_len` / `targets_count` describe teacher forcing.
+`train_sequence_len` / `targets_count` describe teacher forcing, and `prefix_angles` is the rotation of the
+position-free prefix tokens (`prefix_rope`: identity, or LlamaGen's zero rows). `default_cfg_schedule` is the
+guidance schedule a sampler uses unless told otherwise.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.gpt import GPT, GPTConfig
+from ..nn.rope import identity_rope
 from .noise import SampleNoise
 from .sampling import Pick
 
-__all__ = ["GENERATORS", "Generator", "Sampled", "build_generator", "first_occurrence", "register"]
+__all__ = ["GENERATORS", "PREFIX_ROPES", "Generator", "Sampled", "build_generator", "first_occurrence", "register"]
 
 GENERATORS: dict[str, type["Generator"]] = {}
+PREFIX_ROPES = ("identity", "zero")
 
 
 def register(cls: type["Generator"]) -> type["Generator"]:
@@ -67,14 +71,23 @@ class Generator(nn.Module):
 
     `conditions_on_k`: the model is told K (MergeAR's Merge Instruction token, RandAR's slot grid); without it
     (LlamaGen) K is only reported. `needs_source_recovery`: `sample` returns no `assign`, so the tokenizer's source
-    recovery model must predict it (RandAR)."""
+    recovery model must predict it (RandAR). `default_cfg_schedule`: `constant` (LlamaGen) or `linear` (RandAR,
+    as the paper samples it).
+
+    `prefix_rope`: the rotation of the prefix tokens (class, MergeAR's M), which have no grid position: `identity`
+    (cos 1, sin 0), or `zero` (cos = sin = 0, LlamaGen's freqs_cis rows for its class slot, which zero the prefix
+    tokens' q and k, so every query gives them logit 0 and their own queries attend uniformly)."""
 
     name: ClassVar[str] = ""
     conditions_on_k: ClassVar[bool] = True
     needs_source_recovery: ClassVar[bool] = False
+    default_cfg_schedule: ClassVar[str] = "constant"
 
-    def __init__(self, gpt_cfg: GPTConfig) -> None:
+    def __init__(self, gpt_cfg: GPTConfig, prefix_rope: str = "identity") -> None:
         super().__init__()
+        if prefix_rope not in PREFIX_ROPES:
+            raise ValueError(f"prefix_rope must be one of {', '.join(PREFIX_ROPES)}, got {prefix_rope!r}")
+        self.prefix_rope = prefix_rope
         self.gpt = GPT(gpt_cfg)
         self.grid = math.isqrt(gpt_cfg.max_len)
         if self.grid**2 != gpt_cfg.max_len:
@@ -90,7 +103,12 @@ class Generator(nn.Module):
 
     def options(self) -> dict[str, Any]:
         """Constructor options besides the GPT config (saved in checkpoints)."""
-        return {}
+        return {"prefix_rope": self.prefix_rope}
+
+    def prefix_angles(self, n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin (n, D/2) of n prefix tokens: ones and zeros (`identity`), or zeros and zeros (`zero`)."""
+        cos, sin = identity_rope(self.cfg.head_dim, n, device=device)  # type: ignore[arg-type]
+        return (cos.zero_() if self.prefix_rope == "zero" else cos), sin
 
     def labels_for(self, labels: Tensor) -> Tensor:
         """Unknown labels (-1) become the null class."""

@@ -92,8 +92,8 @@ class MergeAR(RasterGenerator):
     default_cache = "mergear"
 
     def __init__(self, gpt_cfg: GPTConfig, window: int | None = None, mask_groups: str = "id",
-                 default_tokens: int | None = None) -> None:
-        super().__init__(gpt_cfg)
+                 default_tokens: int | None = None, prefix_rope: str = "identity") -> None:
+        super().__init__(gpt_cfg, prefix_rope)
         if mask_groups not in ("id", "source"):
             raise ValueError(f"mask_groups must be id or source, got {mask_groups!r}")
         self.window = window if window is not None else self.grid + 1
@@ -105,7 +105,8 @@ class MergeAR(RasterGenerator):
         nn.init.normal_(self.merge_embed.weight, std=0.02)
 
     def options(self) -> dict[str, Any]:
-        return {"window": self.window, "mask_groups": self.mask_groups, "default_tokens": self.default_tokens}
+        return {**super().options(), "window": self.window, "mask_groups": self.mask_groups,
+                "default_tokens": self.default_tokens}
 
     def default_k(self) -> int:
         return self.default_tokens or self.n_tokens

@@ -44,14 +44,15 @@ class RandAR(Generator):
 
     name = "randar"
     needs_source_recovery = True
+    default_cfg_schedule = "linear"  # the paper: "CFG with a linear sampling schedule" for RandAR (A.2)
 
-    def __init__(self, gpt_cfg: GPTConfig, default_tokens: int | None = None) -> None:
-        super().__init__(gpt_cfg)
+    def __init__(self, gpt_cfg: GPTConfig, default_tokens: int | None = None, prefix_rope: str = "identity") -> None:
+        super().__init__(gpt_cfg, prefix_rope)
         self.pi = nn.Parameter(torch.randn(gpt_cfg.dim) * 0.02)
         self.default_tokens = default_tokens
 
     def options(self) -> dict[str, Any]:
-        return {"default_tokens": self.default_tokens}
+        return {**super().options(), "default_tokens": self.default_tokens}
 
     def default_k(self) -> int:
         return self.default_tokens or self.n_tokens
@@ -91,6 +92,13 @@ class RandAR(Generator):
         """ids (B, Kmax) merged ids in slot order (padding -1), k (B,), labels (B,), order (B, Kmax) the slot decoded
         at each step (padding steps point at padding slots). Returns logits at the PI positions (B, Kmax, ...)
         and the targets in decoding order (B, Kmax), -100 at padding."""
+        h, targets = self.teacher_hidden(ids, k, labels, order)
+        return self.gpt.logits(h, targets.clamp_min(0)), targets
+
+    def teacher_hidden(self, ids: Tensor, k: Tensor, labels: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+        """`teacher_logits` before the output head: the trunk's hidden states at PI_0 .. PI_{K-1} (B, Kmax, C) and
+        the targets. `gpt.sample_ids` on them draws each slot's id as decoding would, given the true ids decoded
+        before it in `order` (source recovery fine-tuning feeds such ids to the recovery model)."""
         B, Kmax = ids.shape
         side = k.float().sqrt().round().long().clamp_min(1)
         x_ord = ids.gather(1, order)  # (B, Kmax)
@@ -104,11 +112,11 @@ class RandAR(Generator):
         x = torch.cat([self.gpt.embed_class(labels)[:, None], inter], dim=1)  # (B, 2K, C)
         rc = torch.stack([cos, cos], 2).flatten(1, 2)[:, :-1]
         rs = torch.stack([sin, sin], 2).flatten(1, 2)[:, :-1]
-        one, zero = self.gpt.prefix_rope(1, ids.device)
+        one, zero = self.prefix_angles(1, ids.device)
         cos_all = torch.cat([one.expand(B, 1, -1), rc], 1)
         sin_all = torch.cat([zero.expand(B, 1, -1), rs], 1)
         h = self.gpt.trunk(x, cos_all, sin_all)[:, 1::2]  # outputs at PI_0 .. PI_{K-1}
-        return self.gpt.logits(h, targets.clamp_min(0)), targets
+        return h, targets
 
     @staticmethod
     def random_order(k: Tensor, kmax: int, source: torch.Generator | SampleNoise | None = None) -> Tensor:
@@ -153,7 +161,7 @@ class RandAR(Generator):
         pis = self.pi_embeds(cos, sin)  # (R, K, C)
         kv = self.gpt.new_cache(R, 2 * k, dtype=dtype)
         out = torch.zeros(B, k, dtype=torch.long, device=dev)  # in decoding order
-        one, zero = self.gpt.prefix_rope(1, dev)
+        one, zero = self.prefix_angles(1, dev)
         # step 0 input: [class, PI_0 .. PI_{m-1}]
         x = torch.cat([self.gpt.embed_class(lab)[:, None], pis[:, : counts[0]]], 1)
         c = torch.cat([one.expand(R, 1, -1), cos[:, : counts[0]]], 1)
@@ -165,9 +173,9 @@ class RandAR(Generator):
             kv.end()
             forwards += 1
             fed += x.shape[1]
-            for j in range(m):
+            for j in range(m):  # the step's m tokens share the guidance of `done` tokens decoded before it
                 t = done + j
-                out[:, t] = self.gpt.sample_ids(h[:, j], lambda i, lg, t=t: pick(t, i, lg))[:B]
+                out[:, t] = self.gpt.sample_ids(h[:, j], lambda i, lg, t=t, d=done: pick(t, i, lg, decoded=d))[:B]
             if si + 1 == len(counts):
                 break
             # the cache keeps [.., PI_done]; the other m-1 PIs are re-encoded with their tokens in between

@@ -40,8 +40,8 @@ class RasterGenerator(Generator):
     merge_token: bool = False
     default_cache = "sliced"
 
-    def __init__(self, gpt_cfg: GPTConfig) -> None:
-        super().__init__(gpt_cfg)
+    def __init__(self, gpt_cfg: GPTConfig, prefix_rope: str = "identity") -> None:
+        super().__init__(gpt_cfg, prefix_rope)
         self.prefix = 2 if self.merge_token else 1
         rows, cols = grid_positions(gpt_cfg.max_len)
         self.register_buffer("rows", rows, persistent=False)
@@ -53,9 +53,9 @@ class RasterGenerator(Generator):
         return self.gpt.embed_class(labels)[:, None]
 
     def _rope(self, n: int) -> tuple[Tensor, Tensor]:
-        """cos, sin (prefix + n, D/2): identity for the prefix, raster positions 0..n-1 for the image tokens."""
+        """cos, sin (prefix + n, D/2): `prefix_angles` for the prefix, raster positions 0..n-1 for the image tokens."""
         cos, sin = self.gpt.rope(self.rows[:n], self.cols[:n])
-        one, zero = self.gpt.prefix_rope(self.prefix, cos.device)
+        one, zero = self.prefix_angles(self.prefix, cos.device)
         return torch.cat([one, cos]), torch.cat([zero, sin])
 
     def train_mask(self, full: Tensor, assign: Tensor | None = None) -> Tensor | None:
@@ -156,7 +156,7 @@ class RasterDecoder:
             self.pos.record(t_next, new.tolist())
 
     def prefill(self, pick: Pick) -> None:
-        one, zero = self.gen.gpt.prefix_rope(self.p, self.labels.device)
+        one, zero = self.gen.prefix_angles(self.p, self.labels.device)
         self._run(self.gen.prefix_embeds(self.labels, self.k), one, zero, 0, pick)
 
     def step(self, t: int, pick: Pick) -> None:

@@ -1,7 +1,9 @@
 """Sampling from logits: temperature, top-k, top-p, classifier-free guidance, and RandAR's decoding schedule.
 
-`SamplingSettings.picker(total, noise)` returns the `pick(t, i, logits)` callback that the generators' decoders
-call for target position t and sub-token i. It draws by Gumbel-max with per-sample noise (`noise.SampleNoise`):
+`SamplingSettings.picker(total, noise)` returns the `pick(t, i, logits, decoded=None)` callback that the
+generators' decoders call for target position t and sub-token i; `decoded` is the number of image tokens decoded
+before the forward pass that gave these logits (None: t, one token per pass), which the linear guidance schedule
+counts. It draws by Gumbel-max with per-sample noise (`noise.SampleNoise`):
 argmax(filtered logits / temperature + Gumbel(seed, sample index, stream 1 + i, step t)), an exact draw from the
 filtered softmax whose randomness depends on the sample's index only, so a sample is the same at any batch size
 and on any number of processes, and the draw is one batched device operation. With CFG the batch holds 2B rows,
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -24,7 +26,11 @@ __all__ = [
     "Pick", "SamplingSettings", "cfg_scale_at", "draw_from", "filter_logits", "guide", "randar_schedule", "sample_from",
 ]
 
-Pick = Callable[[int, int, Tensor], Tensor]  # (target position t, sub-token i, logits (R, V)) -> ids (R,)
+class Pick(Protocol):
+    """(target position t, sub-token i, logits (R, V), decoded: tokens decoded before this pass) -> ids (R,)."""
+
+    def __call__(self, t: int, i: int, logits: Tensor, /, decoded: int | None = None) -> Tensor: ...
+
 
 
 def _per_sub(value: float | tuple[float, ...], i: int) -> float:
@@ -36,8 +42,9 @@ def _per_sub(value: float | tuple[float, ...], i: int) -> float:
 @dataclass(frozen=True)
 class SamplingSettings:
     """cfg: guidance scale s (1 = none), one value or one per sub-token; cfg_schedule: `constant`, or `linear`
-    from 1 at the first token to s at the last (RandAR). temperature, top_k (0 = off), top_p (1 = off) likewise
-    per sub-token."""
+    (RandAR's: 1 + (s − 1)·decoded/N, from 1 at the first pass; see `cfg_scale_at`). The CLI's default is the
+    generator's `default_cfg_schedule` (linear for randar, as the paper). temperature, top_k (0 = off), top_p
+    (1 = off) likewise per sub-token."""
 
     cfg: float | tuple[float, ...] = 1.0
     cfg_schedule: str = "constant"
@@ -65,13 +72,15 @@ class SamplingSettings:
         return any(s != 1.0 for s in scales)
 
     def picker(self, total: int, noise: SampleNoise) -> Pick:
-        """pick(t, i, logits): guide (if CFG), filter and draw with `noise` (one row per sample: the B conditional
-        rows under CFG) at stream `sub_token_stream(i)`, step t; returns ids for every row (both CFG halves)."""
+        """pick(t, i, logits, decoded=None): guide (if CFG) at the scale for `decoded` tokens decoded of `total`
+        (None: t), filter and draw with `noise` (one row per sample: the B conditional rows under CFG) at stream
+        `sub_token_stream(i)`, step t; returns ids for every row (both CFG halves)."""
         guided = self.guided
 
-        def pick(t: int, i: int, logits: Tensor) -> Tensor:
+        def pick(t: int, i: int, logits: Tensor, /, decoded: int | None = None) -> Tensor:
             if guided:
-                scale = cfg_scale_at(_per_sub(self.cfg, i), self.cfg_schedule, t, total)
+                done = t if decoded is None else decoded
+                scale = cfg_scale_at(_per_sub(self.cfg, i), self.cfg_schedule, done, total)
                 logits = guide(logits, scale)
             ids = draw_from(logits, noise, sub_token_stream(i), t, _per_sub(self.temperature, i),
                             int(_per_sub(self.top_k, i)), _per_sub(self.top_p, i))
@@ -80,11 +89,13 @@ class SamplingSettings:
         return pick
 
 
-def cfg_scale_at(scale: float, schedule: str, t: int, total: int) -> float:
-    """Guidance at target t of `total`: constant s, or linear 1 → s (RandAR's s(k) = 1 + (s - 1)·k/N)."""
-    if schedule == "constant" or total <= 1:
+def cfg_scale_at(scale: float, schedule: str, decoded: int, total: int) -> float:
+    """Guidance for logits computed after `decoded` of `total` tokens were decoded: constant s, or RandAR's linear
+    s(decoded) = 1 + (s − 1)·decoded/N (its "1.0,s" default: unguided at the first pass, just under s at the last;
+    the tokens of one parallel step share a scale)."""
+    if schedule == "constant" or total < 1:
         return scale
-    return 1.0 + (scale - 1.0) * t / (total - 1)
+    return 1.0 + (scale - 1.0) * decoded / total
 
 
 def guide(logits: Tensor, scale: float) -> Tensor:

@@ -88,10 +88,11 @@ class LeCam(nn.Module):
 
 
 def d_loss(
-    disc: nn.Module, lecam: LeCam | None, x_real: Tensor, x_fake: Tensor, lecam_weight: float
+    disc: nn.Module, lecam: LeCam | None, x_real: Tensor, x_fake: Tensor, lecam_weight: float, weight: float = 1.0
 ) -> tuple[Tensor, dict[str, float]]:
-    """Discriminator step loss: hinge + lecam_weight · LeCam, with D run separately on real and detached fake
-    (separate BatchNorm statistics, as in taming). Updates the LeCam anchors in place."""
+    """Discriminator step loss: weight · (hinge + lecam_weight · LeCam), with D run separately on real and detached
+    fake (separate BatchNorm statistics, as in taming). `weight` is `loss.disc_weight` (paper Table A1
+    "discriminator loss 0.8"). Updates the LeCam anchors in place; the logged terms are unweighted."""
     logits_real = disc(x_real.detach())
     logits_fake = disc(x_fake.detach())
     hinge = hinge_d_loss(logits_real, logits_fake)
@@ -102,6 +103,8 @@ def d_loss(
         reg = lecam(logits_real, logits_fake)
         if lecam_weight > 0:
             loss = hinge + lecam_weight * reg
+    if weight != 1.0:
+        loss = weight * loss
     logs = {
         "d_hinge": hinge.item(),
         "lecam": reg.item(),

@@ -17,12 +17,12 @@ from ..nn import Attention, DepthToSpaceUpsample, LayerScale, MixFFN, ResBlock, 
 class MixBlock(nn.Module):
     """Pre-LN block: self-attention + MixFFN (depthwise conv on the token grid gives position)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads)
         self.ls1 = LayerScale(dim, layer_scale)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.ffn = MixFFN(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale)
 
@@ -32,10 +32,13 @@ class MixBlock(nn.Module):
 
 
 class AdaGN(nn.Module):
-    """GroupNorm without affine, scaled by a linear map of the spatial std of z and shifted by one of its mean."""
+    """GroupNorm without affine, scaled by a linear map of the spatial std of z and shifted by one of its mean.
+    std = sqrt(var + 1e-6) over the g×g positions, the variance unbiased (÷ (g² − 1), the release) or biased (÷ g²,
+    `unbiased=False`, configs before version 2)."""
 
-    def __init__(self, code_dim: int, channels: int) -> None:
+    def __init__(self, code_dim: int, channels: int, unbiased: bool = True) -> None:
         super().__init__()
+        self.unbiased = unbiased
         self.norm = group_norm(channels, affine=False)
         self.scale = nn.Linear(code_dim, channels)
         self.shift = nn.Linear(code_dim, channels)
@@ -50,14 +53,15 @@ class AdaGN(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:  # x (B, C, h, w), z (B, D, g, g)
         mean = z.mean(dim=(2, 3))  # (B, D)
-        std = (z.var(dim=(2, 3), unbiased=False) + 1e-6).sqrt()
+        unbiased = self.unbiased and z.shape[2] * z.shape[3] > 1  # one position has no unbiased variance
+        std = (z.var(dim=(2, 3), unbiased=unbiased) + 1e-6).sqrt()
         return self.norm(x) * self.scale(std)[..., None, None] + self.shift(mean)[..., None, None]
 
 
 class Level(nn.Module):
-    def __init__(self, code_dim: int, c_in: int, c_out: int, n_blocks: int, upsample: bool) -> None:
+    def __init__(self, code_dim: int, c_in: int, c_out: int, n_blocks: int, upsample: bool, unbiased: bool = True) -> None:
         super().__init__()
-        self.adagn = AdaGN(code_dim, c_in)
+        self.adagn = AdaGN(code_dim, c_in, unbiased)
         self.blocks = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks))
         self.upsample = DepthToSpaceUpsample(c_out) if upsample else None
 
@@ -69,19 +73,21 @@ class Level(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, code_dim: int) -> None:
+    """`norm_eps`: the transformer blocks' LayerNorm eps (`model.norm_eps`)."""
+
+    def __init__(self, cfg: DecoderConfig, code_dim: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(code_dim, cfg.dim, 3, padding=1)
         self.cpe = nn.Conv2d(cfg.dim, cfg.dim, 3, padding=1, groups=cfg.dim)  # conditional position encoding
         self.blocks = nn.ModuleList(
-            MixBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale) for _ in range(cfg.depth)
+            MixBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale, norm_eps) for _ in range(cfg.depth)
         )
         levels = []
         c_in = cfg.dim
         for i in reversed(range(len(cfg.ch_mult))):  # top level first
             c_out = cfg.ch * cfg.ch_mult[i]
             n_blocks = cfg.num_res_blocks if i == 0 else cfg.num_res_blocks + 1
-            levels.append(Level(code_dim, c_in, c_out, n_blocks, upsample=i > 0))
+            levels.append(Level(code_dim, c_in, c_out, n_blocks, upsample=i > 0, unbiased=cfg.adagn_unbiased))
             c_in = c_out
         self.levels = nn.ModuleList(levels)
         self.norm_out = group_norm(c_in)

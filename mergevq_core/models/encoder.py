@@ -36,13 +36,14 @@ class EncoderOut(NamedTuple):
 class ToMeBlock(nn.Module):
     """Pre-LN ViT block that merges r tokens between attention and MLP (ToMe; paper Eq. 13-14)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float, prop_attn: bool) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, layer_scale: float, prop_attn: bool,
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.prop_attn = prop_attn
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads)
         self.ls1 = LayerScale(dim, layer_scale)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale)
         self.drop_path: nn.Module = nn.Identity()  # stochastic depth, set by `MergeEncoder.set_drop_path`
@@ -105,16 +106,17 @@ def sincos_grid_embedding(h: int, w: int, dim: int, device: torch.device | str |
 
 
 class MergeEncoder(nn.Module):
-    """Images → K merged tokens in canonical order, their cls token and the source `assign`."""
+    """Images → K merged tokens in canonical order, their cls token and the source `assign`. `norm_eps`: the
+    blocks' LayerNorm eps (`model.norm_eps`)."""
 
-    def __init__(self, cfg: EncoderConfig, prop_attn: bool = True) -> None:
+    def __init__(self, cfg: EncoderConfig, prop_attn: bool = True, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.cfg = cfg
         self.stem = HybridStem(cfg) if cfg.kind == "hybrid" else PatchStem(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = cfg.pos_embed  # the release has none
         self.blocks = nn.ModuleList(
-            ToMeBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale, prop_attn) for _ in range(cfg.depth)
+            ToMeBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.layer_scale, prop_attn, norm_eps) for _ in range(cfg.depth)
         )
 
     def set_drop_path(self, rate: float) -> None:

@@ -196,7 +196,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Attn(norm(x)), then + SwiGLU(norm(x))."""
+    """Pre-norm block: x + drop(Attn(norm(x))), then + SwiGLU(norm(x)), whose output dropout is the FFN path's
+    only one (LlamaGen: resid_dropout after wo, ffn_dropout after w2, drop-path 0)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -204,12 +205,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.hidden, cfg.dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)  # the attention output's
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
+        return x + self.ffn(self.ffn_norm(x))
 
 
 # ----------------------------------------------------------------------------- model
@@ -280,7 +281,8 @@ class GPT(nn.Module):
         return rope_2d(self.cfg.head_dim, rows, cols, self.cfg.rope_base)
 
     def prefix_rope(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """cos, sin (n, D/2) of position-free prefix tokens (identity rotation)."""
+        """cos, sin (n, D/2), an identity rotation: the factorised head's intra-position sequence. (A generator's
+        class and M tokens get theirs from `Generator.prefix_angles`.)"""
         return identity_rope(self.cfg.head_dim, n, device=device)
 
     # ---------------------------------------------------------------- entry points

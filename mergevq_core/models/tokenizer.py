@@ -36,18 +36,30 @@ class MergeVQTokenizer(nn.Module):
         m = cfg.model
         self.cfg = cfg
         self.n_tokens = m.n_tokens
-        self.encoder = MergeEncoder(m.encoder, prop_attn=cfg.merge.proportional_attn)
+        self.encoder = MergeEncoder(m.encoder, prop_attn=cfg.merge.proportional_attn, norm_eps=m.norm_eps)
         self.code_proj = CodeProjection(m.encoder.dim, cfg.quant.dim)
         q = cfg.quant
         self.quantizer = LFQ(q.dim, q.temperature, q.groups, q.sample_entropy_weight, q.codebook_entropy_weight, q.entropy_chunk)
-        self.decoder = Decoder(m.decoder, cfg.quant.dim)
+        self.decoder = Decoder(m.decoder, cfg.quant.dim, norm_eps=m.norm_eps)
         self.recovery = SourceRecovery(m.recovery, cfg.quant.dim, m.n_tokens) if m.recovery.enabled else None
         self.align_head = AlignHead(m.encoder.dim, m.align_head.out_dim, m.align_head.kind) if m.align_head.kind != "none" else None
-        self.apply(_init_weights)
+        for part in self.trunc_normal_parts(m.init_scheme):
+            part.apply(_init_weights)
         for m in self.modules():  # parts whose own init the generic one above must not override
             if isinstance(m, (AdaGN, AlignHead)):
                 m.reset_parameters()
         nn.init.normal_(self.encoder.cls_token, std=1e-6)
+
+    def trunc_normal_parts(self, scheme: str) -> list[nn.Module]:
+        """The modules whose Linear and conv layers start at trunc_normal(0.02) with zero bias (`model.init_scheme`):
+        `release`: the transformer blocks of the encoder and decoder and the source recovery model, the CNN parts
+        keeping PyTorch's defaults; `all-trunc-normal`: the whole tokenizer."""
+        if scheme == "all-trunc-normal":
+            return [self]
+        if scheme != "release":
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        parts: list[nn.Module] = [self.encoder.blocks, self.decoder.blocks]
+        return parts + ([self.recovery] if self.recovery is not None else [])
 
     # ------------------------------------------------------------------ merging
     def schedule(self, tokens: int | None = None) -> tuple[int, ...]:

@@ -55,7 +55,8 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """LLaMA's feed-forward: w2(silu(w1 x) * w3 x), no biases."""
+    """LLaMA's feed-forward: w2(silu(w1 x) * w3 x), no biases, then dropout on its output (LlamaGen's
+    ffn_dropout; the only dropout on the FFN path)."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -65,7 +66,7 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.drop(F.silu(self.w1(x)) * self.w3(x)))
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class MixFFN(nn.Module):

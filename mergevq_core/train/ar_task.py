@@ -63,14 +63,13 @@ def open_shards(tokens: str | Path | None):
 
 
 def shard_summary(shards) -> dict[str, Any]:
-    """Counts of K and the number of classes, read from the shard files (labels -1 = unknown)."""
+    """Counts of K (over every view) and the number of classes, read from the shard files (labels -1 = unknown)."""
     from safetensors import safe_open
 
-    ks: Counter[int] = Counter()
+    ks: Counter[int] = shards.k_counts()  # over every view
     top = -1
     for f in shards.files:
         with safe_open(str(f), "pt") as t:
-            ks.update(t.get_tensor("k").tolist())
             lab = t.get_tensor("label")
             top = max(top, int(lab.max()) if lab.numel() else -1)
     info = shards.manifest.get("dataset", {})
@@ -126,14 +125,16 @@ class ARTask(TrainTask):
     def train_data(self, per_step: int) -> TrainData:
         from torch.utils.data import Subset
 
-        from ..data.codes import collate_tokens
+        from ..data.codes import EpochViews, collate_tokens
 
         shards = self.shards = open_shards(self.cfg.data.tokens)
         self.summary = shard_summary(shards)
         n_val = min(self.cfg.data.val_items, len(shards) // 5)
         if n_val < 1 or len(shards) - n_val < per_step:
             raise DataError(f"{shards.dir} holds {len(shards)} items: too few for a validation split and one batch of {per_step}")
-        self.train_set = Subset(shards, range(len(shards) - n_val))
+        # one view per item and epoch (a pure function of seed, epoch and item: resume draws the same); the
+        # held-out items are always seen in view 0, the centre view, so validation curves compare across epochs
+        self.train_set = EpochViews(shards, range(len(shards) - n_val), self.cfg.train.seed)
         self.val_set = Subset(shards, range(len(shards) - n_val, len(shards)))
         self.tokenizer = {"checkpoint": shards.manifest["tokenizer"].get("checkpoint", ""), "hash": shards.tokenizer_hash}
         return TrainData(self.train_set, collate_tokens, "token items")
@@ -172,7 +173,7 @@ class ARTask(TrainTask):
     def start_info(self) -> dict[str, Any]:
         return {"params": sum(p.numel() for p in self.model.parameters()), "train_items": len(self.train_set),
                 "val_items": len(self.val_set), "generator": self.name, "init": self.init_from,
-                "k_counts": self.summary["k_counts"]}
+                "k_counts": self.summary["k_counts"], "views": self.shards.views}
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -230,7 +231,7 @@ class ARTask(TrainTask):
         return {"generator": self.name, "gpt": asdict(self.model.cfg), "options": self.model.options(),
                 "tokenizer": self.tokenizer,
                 "tokens": {"dir": str(shards.dir), "k_counts": s["k_counts"], "common_k": s["common_k"],
-                           "grid": shards.grid, "dataset": shards.manifest.get("dataset", {})},
+                           "grid": shards.grid, "views": shards.views, "dataset": shards.manifest.get("dataset", {})},
                 "init": self.init_from, "val_loss": self.val_hist[-1][1] if self.val_hist else None}
 
     def result(self, run: RunSummary) -> ARTrainResult:

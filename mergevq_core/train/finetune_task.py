@@ -269,10 +269,10 @@ def finetune_config(ckpt: Path, data: str, val: str | None, tokens: str | int, w
     import dataclasses
 
     from ..cache import checkpoint_hash
-    from ..config import apply_overrides, build_config, config_from_dict, parse_override
+    from ..config import apply_overrides, build_config, config_from_saved, parse_override
     from ..data.labelled import labelled_data
 
-    tcfg = config_from_dict(ck.read_meta(ckpt, expect_kind="tokenizer")["config"])
+    tcfg = config_from_saved(ck.read_meta(ckpt, expect_kind="tokenizer")["config"])
     if str(tokens) == "all":
         k = tcfg.model.n_tokens
     else:

@@ -200,7 +200,8 @@ class TokenizerTask(TrainTask):
         if self.gan_on:
             disc.requires_grad_(True)
             with autocast:
-                dl, dlogs = d_loss(self.train_disc, self.lecam, x, recon.detach(), self.cfg.loss.lecam_weight)
+                dl, dlogs = d_loss(self.train_disc, self.lecam, x, recon.detach(), self.cfg.loss.lecam_weight,
+                                   self.cfg.loss.disc_weight)
             ctx.backward(dl)
             terms = {**terms, "d_loss": dl.detach(), **dlogs}
         if self.dino_ce is not None and target is not None:
