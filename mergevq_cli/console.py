@@ -28,6 +28,15 @@ def error(message: str, hint: str | None = None) -> None:
         err.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
 
 
+def warning(message: str) -> None:
+    """One line on stderr (stdout stays clean for --json)."""
+    if not is_main_process():
+        return
+    from rich.markup import escape
+
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, markup=True)
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     t = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     for i, c in enumerate(columns):

@@ -26,6 +26,12 @@ TokenizerOpt = Annotated[
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed runs (>= 10).")]
 BenchOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the benchmark's JSON (and plot).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the newest run of this recipe) from its last checkpoint.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="fp32, or bf16: autocast around encode / decode (for GPUs and CPUs with native bf16; slow on others).")
+]
+BenchPrecisionOpt = Annotated[
+    Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast) rows only (default: both, bf16 compared with fp32).", show_default=False)
+]
 
 
 # ----------------------------------------------------------------------------- comma-separated values
@@ -55,3 +61,20 @@ def per_sub_token(text: str, option: str) -> float | tuple[float, ...]:
     if not values:
         raise typer.BadParameter(f"{option}: expected a number or one per sub-token like 1.9,2.0, got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def checked_precision(text: str | None, device: str) -> str:
+    """`--precision` checked (a ConfigError naming it); bf16 on a device without native bf16 prints one warning."""
+    from mergevq_core.dist import pick_device
+    from mergevq_core.precision import check_precision, slow_bf16_warning
+
+    from . import console
+
+    precision = check_precision(text)
+    message = slow_bf16_warning(precision, pick_device(device))
+    if message:
+        console.warning(message)
+    return precision

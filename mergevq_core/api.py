@@ -79,15 +79,18 @@ def reconstruct(paths: Sequence[str | Path], *, ckpt: str | Path | None = None, 
                 source: str = "gt", out: str | Path = "recon", fid: bool = False, inception_weights: str | None = None,
                 photos: bool = False, device: str | None = None, batch: int = 16, workers: int = 0,
                 save: int | None = None, save_all: bool = False, cache: str | Path | None = None,
-                progress: Progress = SILENT) -> ReconResult:
+                precision: str = "fp32", progress: Progress = SILENT) -> ReconResult:
     """`mergevq reconstruct`: image files and folders (plus scikit-image's photos) through the tokenizer at each K
     (see `eval.reconstruct.reconstruct_files`), streamed; pictures of the first `save` images (default 32, or all
     with `save_all`) and `per_image.jsonl` go to `out`; the originals' rFID statistics are cached under `cache`
-    (default `cache.cache_root()`). Under torchrun every process calls this and the ranks split the images."""
+    (default `cache.cache_root()`). `precision`: fp32 or bf16 (autocast, see `precision`). Under torchrun every
+    process calls this and the ranks split the images."""
     from .data.photos import photo_paths
     from .dist import cleanup, finished, init_distributed
     from .eval.reconstruct import collect_images, reconstruct_files
+    from .precision import check_precision
 
+    precision = check_precision(precision)
     files = collect_images([Path(p) for p in paths] + (photo_paths() if photos else []))
     dist = init_distributed(device)
     try:
@@ -99,7 +102,7 @@ def reconstruct(paths: Sequence[str | Path], *, ckpt: str | Path | None = None, 
             weights = resolve_inception_weights(inception_weights)  # fails early, before any work
         res = reconstruct_files(tok, path, files, tokens=tokens, source=source, out=out, fid_weights=weights,
                                 batch=batch, workers=workers, save=save, save_all=save_all, cache=cache, dist=dist,
-                                progress=progress if dist.is_main else SILENT)
+                                progress=progress if dist.is_main else SILENT, precision=precision)
         finished()
         return res
     finally:
@@ -109,18 +112,22 @@ def reconstruct(paths: Sequence[str | Path], *, ckpt: str | Path | None = None, 
 def tokenize(data: str | Path, out: str | Path, *, ckpt: str | Path | None = None, tokens: int | None = None,
              tokens_sample: bool = False, views: str = "ten-crop", crop_range: float | None = None,
              limit: int | None = None, device: str | None = None, batch: int = 64, shard_size: int = 4096,
-             workers: int = 0, seed: int = 0, progress: Progress = SILENT) -> TokenizeResult:
-    """`mergevq tokenize`: encode a dataset once into token shards for stage 2 (see `data.tokenize`). Under
-    torchrun every process calls this; the ranks split the shards and all return the result."""
+             workers: int = 0, seed: int = 0, precision: str = "fp32", progress: Progress = SILENT) -> TokenizeResult:
+    """`mergevq tokenize`: encode a dataset once into token shards for stage 2 (see `data.tokenize`), in
+    `precision` (fp32 or bf16 autocast). Under torchrun every process calls this; the ranks split the shards and
+    all return the result."""
     from .data.tokenize import tokenize_dataset
     from .dist import cleanup, finished, init_distributed
+    from .precision import check_precision
 
+    precision = check_precision(precision)
     dist = init_distributed(device)
     try:
         tok, path = load_tokenizer(ckpt, str(dist.device))
         res = tokenize_dataset(tok, path, data, out, tokens=tokens, tokens_sample=tokens_sample, views=views,
                                crop_range=crop_range, limit=limit, batch=batch, shard_size=shard_size,
-                               workers=workers, seed=seed, dist=dist, progress=progress if dist.is_main else SILENT)
+                               workers=workers, seed=seed, dist=dist, progress=progress if dist.is_main else SILENT,
+                               precision=precision)
         finished()
         return res
     finally:

@@ -128,12 +128,14 @@ def generate_images(
     device: str | None = None, tokenizer: str | Path | None = None, fid: str | None = None,
     inception_weights: str | Path | None = None, with_consistency: bool = False, png: bool = False,
     grid_rows: int = 8, grid_cols: int = 8, shard_size: int = 500, recovery: str | Path | None = None,
-    progress: Progress = SILENT,
+    precision: str = "auto", compile: bool = False, progress: Progress = SILENT,
 ) -> GenerateResult:
     """Samples of `classes` (plus `class_spec`: `all`, ranges, lists) from the newest `sampler` run (or `ckpt`),
     `per_class` each or `num_samples` in all, into `out` (see the module docstring), in batches of `batch` with
     `settings` (default: plain sampling). `tokens` is K (default: the generator's), `steps` RandAR's parallel
     steps. `recovery`: a `tune-recovery` run whose source recovery model replaces the tokenizer's (randar only).
+    `precision`: auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16 (autocast and a bf16 KV cache); `compile`: each
+    raster decode step through `torch.compile` (llamagen, mergear).
     Every torchrun process calls it. Reports `start("sample", images, done, ckpt=, tokenizer=, sampler=,
     tokens=, steps=, device=)`, `advance(images, rate=AR tokens/s)` per batch, and notes."""
     from .dist import all_reduce_sum, broadcast_path, cleanup, finished, init_distributed
@@ -165,10 +167,18 @@ def generate_images(
         tuned = _tuned_recovery(recovery, gen, tok, meta, path, sampler, dev) if recovery is not None else None
         k = gen.check_k(tokens)
         steps = gen.check_steps(steps, k)
+        from .generators import RasterGenerator
+        from .precision import check_precision
+
+        if compile and not isinstance(gen, RasterGenerator):
+            raise ConfigError(f"--compile: {sampler}'s parallel steps change shape from step to step; compiled "
+                              "decoding covers llamagen and mergear")
+        precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else check_precision(precision)
         out_dir = Path(out) if out is not None else Path("samples") / f"{sampler}-{time.strftime('%Y%m%d-%H%M%S')}"
         out_dir = broadcast_path(out_dir)
         sampling = {"cfg": settings.cfg, "cfg_schedule": settings.cfg_schedule, "temperature": settings.temperature,
-                    "top_k": settings.top_k, "top_p": settings.top_p, "seed": seed, "steps": steps}
+                    "top_k": settings.top_k, "top_p": settings.top_p, "seed": seed, "steps": steps,
+                    "precision": precision}
         store = _open_store(out_dir, path, meta, sampler, wanted, per_class, num_samples, k, sampling, shard_size,
                             len(labels_all), dist, recovery_hash=tuned["hash"] if tuned else None)
         pending = store.pending(dist.rank, dist.world_size)
@@ -177,7 +187,7 @@ def generate_images(
                        sampler=sampler, tokens=k, steps=steps, device=str(dev))
         t_all = time.perf_counter()
         made, ar_s, dec_s = _sample_shards(gen, tok, store, pending, labels_all, k, steps, settings, seed, batch, dev,
-                                           progress)
+                                           progress, precision, compile)
         loop_s = time.perf_counter() - t_all  # this rank's own sampling, before it waits for the others
         made, ar_s, dec_s, loop_s = all_reduce_sum([made, ar_s, dec_s, loop_s], dev)
         finished()  # every shard is on disk
@@ -238,15 +248,17 @@ def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, c
 
 def _sample_shards(gen: Generator, tok: MergeVQTokenizer, store: SampleStore, shards: list[int], labels_all: np.ndarray,
                    k: int, steps: int | None, settings: SamplingSettings, seed: int, batch: int, dev: torch.device,
-                   progress: Progress) -> tuple[int, float, float]:
+                   progress: Progress, precision: str = "fp32", compile: bool = False) -> tuple[int, float, float]:
     """Make and write this rank's missing shards, batch by batch: AR decoding (timed alone), then the tokenizer's
     decode. Returns the samples made and the AR and decode seconds."""
     from .eval.fid import to_uint8
     from .generators import SampleNoise
 
     cuda = dev.type == "cuda"
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
-    kv_dtype = torch.bfloat16 if cuda else None
+    bf16 = precision == "bf16"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    kv_dtype = torch.bfloat16 if bf16 else None
+    more = {"compiled": True} if compile else {}
     seq_len = gen.seq_len(k)
     made, ar_s, dec_s = 0, 0.0, 0.0
     for s in shards:
@@ -260,7 +272,7 @@ def _sample_shards(gen: Generator, tok: MergeVQTokenizer, store: SampleStore, sh
             _sync(cuda)
             t0 = time.perf_counter()
             with torch.no_grad(), autocast:
-                res = gen.sample(labels, k, pick, settings.guided, steps=steps, noise=noise, dtype=kv_dtype)
+                res = gen.sample(labels, k, pick, settings.guided, steps=steps, noise=noise, dtype=kv_dtype, **more)
             _sync(cuda)
             t1 = time.perf_counter()
             with torch.no_grad(), autocast:

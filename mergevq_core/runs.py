@@ -95,9 +95,11 @@ def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
     return ck.resolve_checkpoint(Path(ckpt))
 
 
-def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True) -> tuple[MergeVQTokenizer, Path]:
+def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True,
+                   channels_last: bool = True) -> tuple[MergeVQTokenizer, Path]:
     """Rebuild a trained tokenizer from its checkpoint (config from meta.json, EMA weights by default), in eval
-    mode on `device`. Returns (tokenizer, checkpoint folder)."""
+    mode on `device`, ready for inference: its CNN parts channels_last (`MergeVQTokenizer.prepare_inference`;
+    `channels_last=False` for a model to train). Returns (tokenizer, checkpoint folder)."""
     from .config import config_from_saved
     from .dist import pick_device
     from .models import build_tokenizer
@@ -106,7 +108,7 @@ def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, em
     meta = ck.read_meta(path, expect_kind="tokenizer")
     tok = build_tokenizer(config_from_saved(meta["config"]))
     ck.load_state_strict(tok, ck.read_tensors(path, "ema" if ema else "tokenizer"), f"{path}")
-    return tok.to(pick_device(device)).eval(), path
+    return tok.to(pick_device(device)).prepare_inference(channels_last), path
 
 
 # ----------------------------------------------------------------------------- generators

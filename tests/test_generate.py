@@ -86,6 +86,14 @@ def test_same_seed_same_images(pipeline, tmp_path, sampler):
     assert np.array_equal(load(a), load(b)) and not np.array_equal(load(a), load(c))
 
 
+def test_compiled_decoding_gives_the_eager_images(pipeline, tmp_path):
+    """`generate --compile` (inductor, one graph per batch shape) against eager decoding, same seed."""
+    eager = run(pipeline, "mergear", tmp_path / "eager", batch=4)
+    compiled = run(pipeline, "mergear", tmp_path / "compiled", batch=4, compile=True)
+    assert np.array_equal(np.load(eager.npz)["arr_0"], np.load(compiled.npz)["arr_0"])
+    assert compiled.settings["precision"] == "fp32"
+
+
 def test_newest_run_of_the_sampler_is_used(pipeline, tmp_path, monkeypatch):
     monkeypatch.chdir(pipeline)
     res = run(pipeline, "randar", tmp_path, ckpt=None)
@@ -101,10 +109,12 @@ def test_newest_run_of_the_sampler_is_used(pipeline, tmp_path, monkeypatch):
     (["--class", "1", "--ckpt", "TOKENIZER"], "is a tokenizer checkpoint, not a generator"),
     (["--class", "1", "--sampler", "randar", "--ckpt", "MERGEAR"], "holds a mergear generator"),
     (["--class", "1", "--tokens", "10"], "--tokens 10: K must be a perfect square"),
+    (["--class", "1", "--sampler", "randar", "--ckpt", "RANDAR", "--compile"], "--compile: randar's parallel steps"),
+    (["--class", "1", "--precision", "fp16"], "--precision 'fp16'"),
 ])
 def test_bad_input_is_one_line(pipeline, tiny_tokenizer_run, extra, needle):
     args = [a.replace("TOKENIZER", str(tiny_tokenizer_run)).replace("MERGEAR", str(pipeline / "runs" / "tiny-mergear"))
-            for a in extra]
+            .replace("RANDAR", str(pipeline / "runs" / "tiny-randar")) for a in extra]
     if "--ckpt" not in args:
         args += ["--ckpt", str(pipeline / "runs" / "tiny-mergear")]
     if "--sampler" not in args:

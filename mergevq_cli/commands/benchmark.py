@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import BenchOutOpt, DeviceOpt, JsonOpt, RunsOpt, TokenizerOpt, float_list, int_list
+from ..options import (BenchOutOpt, BenchPrecisionOpt, DeviceOpt, JsonOpt, RunsOpt, TokenizerOpt, checked_precision,
+                       float_list, int_list)
 
 EXAMPLES = """
 Examples:
@@ -18,11 +19,14 @@ Examples:
   mergevq benchmark kv-cache --model l --n 1024 --batch 1,16,64 --redundancy 0,0.44,0.75,0.9 --device cuda
 
   mergevq benchmark kv-cache --ckpt runs/tiny-ar-mergear --batch 1,16 --json
+  mergevq benchmark kv-cache --n 256 --batch 1 --compile                 # eager and compiled rows
 
   mergevq benchmark tokenizer --tokens 9,36,64                     # newest tokenizer run
   mergevq benchmark tokenizer --recipe recipes/gr.yaml --tokens 144,256 --batch 2
+  mergevq benchmark tokenizer --precision fp32                     # fp32 rows only (bf16 is slow on most CPUs)
 
   mergevq benchmark ar --recipe recipes/ar/tiny.yaml --batch 16
+  mergevq benchmark ar --layers 12 --dim 768 --heads 12 --vocab 16384 --n 256 --batch 1 --no-train --compile  # GPT-B
 
   mergevq benchmark lfq --chunk 128,4096                            # exact 2^18 codebook entropy, fwd + bwd
 """
@@ -66,6 +70,7 @@ def kv_cache(
     runs: RunsOpt = 10,
     warmups: Annotated[int, typer.Option("--warmups", help="Warm-up runs per row (>= 3).")] = 3,
     segment: Annotated[int, typer.Option("--segment", help="Tokens per timed run at stratified positions; 0 = whole generations.")] = 16,
+    compile_: Annotated[bool, typer.Option("--compile", help="Also the sliced and MergeAR rows with compiled decode steps (each shape compiles once, in the warm-ups).")] = False,
     out: BenchOutOpt = Path("bench"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
@@ -86,12 +91,13 @@ def kv_cache(
     def on_row(r) -> None:
         if not json_:
             extra = "" if r.cache != "mergear" else f"  ×{r.speedup_vs_sliced:.2f} speed, ×{r.memory_saving_vs_sliced:.2f} memory vs sliced"
-            console.out.print(f"  N={r.n} B={r.batch} {r.cache:<8} ρ={r.redundancy:.2f}: {r.ms_per_token_median:.3f} ms/token, "
+            name = r.cache + ("+compile" if r.compiled else "")
+            console.out.print(f"  N={r.n} B={r.batch} {name:<16} ρ={r.redundancy:.2f}: {r.ms_per_token_median:.3f} ms/token, "
                               f"peak KV {r.kv_bytes_peak / 2**20:.2f} MiB{extra}", highlight=False)
 
     try:
         rows, env = bench_kv_cache(ns, bs, rhos, model=model, device=device, runs=runs, warmups=warmups, segment=segment,
-                                   window=window, cfg=cfg, ckpt=ckpt, seed=seed, on_row=on_row)
+                                   window=window, cfg=cfg, ckpt=ckpt, seed=seed, on_row=on_row, compile=compile_)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _write(out, "kv_cache.json", env, [r.to_json() for r in rows])
@@ -101,7 +107,7 @@ def kv_cache(
         return
     fmt = lambda v, f: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
     gpu = env.get("gpu") is not None
-    table = [[str(r.n), str(r.batch), r.cache, fmt(r.redundancy, "{:.2f}"), fmt(r.kv_bytes_peak / 2**20, "{:.2f}"),
+    table = [[str(r.n), str(r.batch), r.cache + ("+compile" if r.compiled else ""), fmt(r.redundancy, "{:.2f}"), fmt(r.kv_bytes_peak / 2**20, "{:.2f}"),
               f"{r.ms_per_token_median:.3f}", f"{r.ms_per_token_p10:.2f}–{r.ms_per_token_p90:.2f}",
               f"{r.tokens_per_s:,.0f}", fmt(r.speedup_vs_sliced, "{:.2f}"), fmt(r.memory_saving_vs_sliced, "{:.2f}")]
              + ([fmt(r.bandwidth_share, "{:.0%}")] if gpu else []) for r in rows]
@@ -120,44 +126,77 @@ def tokenizer(
     tokens: Annotated[Optional[str], typer.Option("--tokens", "-k", help="K values, comma-separated (default: the recipe's evaluation list).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 16,
     runs: RunsOpt = 10,
+    precision: BenchPrecisionOpt = None,
     out: BenchOutOpt = Path("bench"),
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
-    """Encode and decode images/s at several K, with the GMACs of each."""
+    """Encode and decode images/s at several K, fp32 and bf16, with the GMACs of each and bf16's PSNR change."""
     from mergevq_core.bench.models import bench_tokenizer
 
+    precisions = ("fp32", "bf16") if precision is None else (precision,)
+    precisions = tuple(checked_precision(p, device) for p in precisions)
     _check_runs(runs)
     rows, env = bench_tokenizer(ckpt=ckpt, recipe=recipe, tokens=int_list(tokens, "--tokens") or None, batch=batch,
-                                runs=runs, warmups=3, device=device)
+                                runs=runs, warmups=3, device=device, precisions=precisions)
     if _save_and_json(out, "tokenizer.json", env, rows, json_):
         return
-    console.table(f"tokenizer {env['model']}, {env['image_size']} px, batch {batch}, {env.get('gpu') or 'CPU'}; median of {runs}",
-                  ["K", "encode img/s", "decode img/s", "encode GMACs", "decode GMACs"],
-                  [[str(r["tokens"]), f"{r['encode_img_per_s']:.1f}", f"{r['decode_img_per_s']:.1f}",
-                    f"{r['encode_gmacs']:.3f}", f"{r['decode_gmacs']:.3f}"] for r in rows])
+    diff = lambda v: "-" if v is None else f"{v:+.3f}"
+    console.table(f"tokenizer {env['model']}, {env['image_size']} px, batch {batch}, {env.get('gpu') or 'CPU'}, "
+                  f"channels_last; median of {runs}; PSNR (dB) on {env['images']}, Δ = bf16 − fp32",
+                  ["K", "prec", "enc img/s", "dec img/s", "ms/batch", "enc GMACs", "dec GMACs", "PSNR", "ΔPSNR"],
+                  [[str(r["tokens"]), r["precision"], f"{r['encode_img_per_s']:.1f}", f"{r['decode_img_per_s']:.1f}",
+                    f"{r['encode_ms_median'] + r['decode_ms_median']:.0f}", f"{r['encode_gmacs']:.3f}",
+                    f"{r['decode_gmacs']:.3f}", f"{r['psnr_db']:.2f}", diff(r["psnr_diff_vs_fp32_db"])] for r in rows])
 
 
 @app.command("ar", epilog=EXAMPLES)
 def ar(
-    recipe: Annotated[Path, typer.Option("--recipe", help="A generator recipe (kind: ar) giving the model size.")] = Path("recipes/ar/tiny.yaml"),
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="A generator recipe (kind: ar) giving the model size (default recipes/ar/tiny.yaml).")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="Transformer blocks (instead of the recipe's).")] = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Model width.")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention heads.")] = None,
+    vocab: Annotated[Optional[int], typer.Option("--vocab", help="Codebook size V.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Image tokens N (a square).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per training step and per sampling call.")] = 16,
+    generators: Annotated[str, typer.Option("--generators", help="Comma-separated: llamagen, mergear, randar.")] = "llamagen,mergear,randar",
+    cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="Sample with classifier-free guidance (scale 2, two rows per image).")] = True,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="Also time the training step.")] = True,
+    compile_: Annotated[bool, typer.Option("--compile", help="Add compiled-decoding rows (llamagen, mergear) beside the eager ones.")] = False,
+    precision: BenchPrecisionOpt = None,
     runs: RunsOpt = 10,
     out: BenchOutOpt = Path("bench"),
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
-    """Training and sampling tokens/s of llamagen, mergear and randar at a recipe's size (random weights)."""
+    """Training and sampling tokens/s of llamagen, mergear and randar (random weights): eager vs compiled, fp32 vs bf16."""
     from mergevq_core.bench.models import bench_ar
+    from mergevq_core.errors import ConfigError
+    from mergevq_core.generators import GENERATORS
 
     _check_runs(runs)
-    rows, env = bench_ar(recipe, batch=batch, runs=runs, warmups=3, device=device)
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    names = tuple(g.strip() for g in generators.split(",") if g.strip())
+    bad = [g for g in names if g not in GENERATORS]
+    if not names or bad:
+        raise ConfigError(f"--generators {generators!r}: choose from {', '.join(GENERATORS)}")
+    precisions = ("fp32", "bf16") if precision is None else (precision,)
+    precisions = tuple(checked_precision(p, device) for p in precisions)
+    rows, env = bench_ar(recipe, batch=batch, runs=runs, warmups=3, device=device, generators=names,
+                         cfg_scale=2.0 if cfg else 1.0, train=train, precisions=precisions,
+                         compiled=(False, True) if compile_ else (False,),
+                         shape={"layers": layers, "dim": dim, "heads": heads, "vocab": vocab, "n": n})
     if _save_and_json(out, "ar.json", env, rows, json_):
         return
-    console.table(f"generators of {recipe} (N {env['N']}, K {env['K']}), batch {batch}, CFG 2, {env.get('gpu') or 'CPU'}",
-                  ["generator", "params M", "train tok/s", "sample tok/s", "sample img/s", "AR steps"],
-                  [[r["generator"], f"{r['params'] / 1e6:.2f}", f"{r['train_tokens_per_s']:,.0f}",
-                    f"{r['sample_tokens_per_s']:,.0f}", f"{r['sample_images_per_s']:.2f}", str(r["steps"])] for r in rows])
+    fmt = lambda v, f: "-" if v is None else f.format(v)
+    console.table(f"generators: {env['layers']} layers, {env['dim']}-d, {env['heads']} heads, V {env['vocab']}, "
+                  f"N {env['N']}, K {env['K']}; batch {batch}, {'CFG 2' if cfg else 'no CFG'}, {env.get('gpu') or 'CPU'}",
+                  ["generator", "precision", "decoding", "params M", "train tok/s", "sample tok/s", "sample img/s",
+                   "AR steps", "compile s"],
+                  [[r["generator"], r["precision"], "compiled" if r["compiled"] else "eager", f"{r['params'] / 1e6:.2f}",
+                    fmt(r["train_tokens_per_s"], "{:,.0f}"), f"{r['sample_tokens_per_s']:,.0f}",
+                    f"{r['sample_images_per_s']:.2f}", str(r["steps"]), fmt(r["compile_s"], "{:.1f}")] for r in rows])
 
 
 @app.command("lfq", epilog=EXAMPLES)

@@ -23,6 +23,8 @@ Examples:
 
   mergevq generate --classes all --sampler randar --recovery runs/recovery-randar   # tuned source recovery
 
+  mergevq generate --classes all --sampler mergear --compile --precision bf16 --device cuda   # compiled decoding
+
   torchrun --nproc-per-node 8 -m mergevq_cli generate --classes all --per-class 50 --sampler mergear \\
       --ckpt runs/mergear-l --cfg 2 --out samples/mergear-50k         # the paper's 50k; run again to resume
   mergevq evaluate samples/mergear-50k/samples.npz --ref VIRTUAL_imagenet256_labeled.npz
@@ -66,6 +68,8 @@ def generate(
     fid: Annotated[Optional[str], typer.Option("--fid", help="gFID against a folder of real images, `shapes`, or an .npz with mu/sigma.")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity Inception weights (needed for IS).")] = None,
     consistency: Annotated[bool, typer.Option("--consistency", help="Score class consistency with a classifier trained on the same data.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16: autocast and the KV cache's dtype.")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="llamagen, mergear: each decode step through torch.compile (one static-shape graph; CUDA graphs on GPU). Pays off after its compile time (tens of seconds on a CPU).")] = False,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
@@ -88,13 +92,18 @@ def generate(
         raise typer.BadParameter(str(e)) from None
     if per_class is not None and num_samples is not None:
         raise ConfigError("give either --per-class or --num-samples, not both")
+    if precision != "auto":
+        from ..options import checked_precision
+
+        precision = checked_precision(precision, device)
     with _Bar("tok/s", quiet=json_) as bar:
         res = generate_images(class_ or [], per_class if num_samples is not None else (per_class or 8), sampler,
                               num_samples=num_samples, class_spec=classes, ckpt=ckpt, settings=settings,
                               tokens=tokens, steps=steps, seed=seed, batch=batch, out=out, device=device,
                               tokenizer=tokenizer, fid=fid, inception_weights=inception_weights,
                               with_consistency=consistency, png=png, grid_rows=grid_rows, grid_cols=grid_cols,
-                              shard_size=shard_size, recovery=recovery, progress=bar)
+                              shard_size=shard_size, recovery=recovery, precision=precision, compile=compile_,
+                              progress=bar)
     if not console.is_main_process():
         return
     if json_:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, TokenizerOpt, int_list
+from ..options import DeviceOpt, JsonOpt, PrecisionOpt, TokenizerOpt, checked_precision, int_list
 
 EXAMPLES = """
 Examples:
@@ -20,6 +20,8 @@ Examples:
   mergevq reconstruct val_images/ --tokens 64,100,144,196,256 --fid --ckpt runs/gr-20261130-120000
 
   mergevq reconstruct img.png --source predicted            # assign from the ids alone, as generation has it
+
+  mergevq reconstruct val_images/ --precision bf16 --device cuda   # bf16 autocast (GPUs, CPUs with native bf16)
 
   torchrun --nproc-per-node 8 -m mergevq_cli reconstruct /data/imagenet/val --tokens 64,100,144,196,256 --fid \\
       --batch 64 --workers 8 --save 16       # 50,000 images streamed; per_image.jsonl holds every image's row
@@ -40,22 +42,26 @@ def reconstruct(
     save: Annotated[Optional[int], typer.Option("--save", help="Pictures for the first N images at each K (default 32; 0: none).", show_default=False)] = None,
     save_all: Annotated[bool, typer.Option("--save-all", help="Pictures for every image at each K.")] = False,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache folder for the originals' rFID statistics (default: $MERGEVQ_CACHE, else ~/.cache/mergevq).")] = None,
+    precision: PrecisionOpt = "fp32",
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Reconstruct images at one or several K and report PSNR / SSIM (LPIPS, rFID, codebook usage)."""
     from mergevq_core import api
 
+    precision = checked_precision(precision, device)
+
     class Bar(console.BarProgress):
         def start(self, stage: str, total: int, done: int = 0, **info) -> None:
             self.note(f"tokenizer {info['ckpt']}; {info.get('images', total)} images at K = "
-                      f"{', '.join(map(str, info['tokens']))}")
+                      f"{', '.join(map(str, info['tokens']))}, {info.get('precision', 'fp32')}")
             super().start(stage, total, done)
 
     with Bar("img", quiet=json_) as bar:
         res = api.reconstruct(paths or [], ckpt=ckpt, tokens=int_list(tokens, "--tokens"), source=source, out=out,
                               fid=fid, inception_weights=inception_weights, photos=photos, device=device, batch=batch,
-                              workers=workers, save=save, save_all=save_all, cache=cache, progress=bar)
+                              workers=workers, save=save, save_all=save_all, cache=cache, precision=precision,
+                              progress=bar)
     if not console.is_main_process():
         return
     if json_:
@@ -70,7 +76,7 @@ def reconstruct(
         console.table("per image", cols, rows)
     keys = [k for k in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "gap_db") if k in next(iter(res.mean.values()))]
     cached = " (originals' rFID statistics from the cache)" if res.fid_reference_cached else ""
-    console.table(f"mean over {res.count:,} images (source: {res.source}){cached}", ["K", *keys],
+    console.table(f"mean over {res.count:,} images (source: {res.source}, {res.precision}){cached}", ["K", *keys],
                   [[k, *(f"{m[key]:.4f}" if key in ("codebook_usage",) else f"{m[key]:.3f}" for key in keys)]
                    for k, m in sorted(res.mean.items())])
     saved = len({r.path for r in res.images})

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, TokenizerOpt
+from ..options import DeviceOpt, JsonOpt, PrecisionOpt, TokenizerOpt, checked_precision
 
 EXAMPLES = """
 Examples:
@@ -39,12 +39,14 @@ def tokenize(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 4096,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: in the main process).")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the shapes data and --tokens-sample.")] = 0,
+    precision: PrecisionOpt = "fp32",
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Encode DATA into token shards (ids, assign, K per view; label) for `mergevq train-ar`. Runs under torchrun."""
     from mergevq_core import api
 
+    precision = checked_precision(precision, device)
     if tokens is not None and tokens_sample:
         raise typer.BadParameter("use either --tokens or --tokens-sample")
     if views not in VIEW_MODES:
@@ -62,7 +64,7 @@ def tokenize(
     with Bar("img/s", quiet=json_) as bar:
         res = api.tokenize(data, out, ckpt=ckpt, tokens=tokens, tokens_sample=tokens_sample, views=views,
                            crop_range=crop_range, limit=limit, device=device, batch=batch, shard_size=shard_size,
-                           workers=workers, seed=seed, progress=bar)
+                           workers=workers, seed=seed, precision=precision, progress=bar)
     if not console.is_main_process():
         return
     if json_:
@@ -70,4 +72,5 @@ def tokenize(
         return
     console.kv("tokenized", [("shards", res.out), ("items", f"{res.items:,} × {res.views} views ({res.view_mode})"),
                              ("encoded now", f"{res.encoded:,}"), ("shards kept from before", res.skipped_shards),
-                             ("K", res.tokens), ("speed", f"{res.img_per_s:.1f} img/s ({res.views_per_s:.0f} views/s)")])
+                             ("K", res.tokens), ("precision", res.precision),
+                             ("speed", f"{res.img_per_s:.1f} img/s ({res.views_per_s:.0f} views/s)")])

@@ -71,6 +71,8 @@ class KVRow:
     memory_saving_vs_sliced: float | None = None
     memory_saving_vs_static: float | None = None
     bandwidth_share: float | None = None  # GPU: analytic bytes / time as a share of the device's peak
+    compiled: bool = False  # decode steps through torch.compile (speedups then against the compiled sliced row)
+    speedup_vs_eager: float | None = None  # a compiled row against the same cache decoded eagerly
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -130,7 +132,7 @@ def _pick_forced(gen: Any, ids: Tensor, draw: Pick, rows: int) -> Pick:
 
     def pick(t: int, i: int, logits: Tensor, /, decoded: int | None = None) -> Tensor:
         draw(t, i, logits, decoded=decoded)
-        sub = subs[i][:, t]
+        sub = subs[i][:, t] if isinstance(t, int) else subs[i].index_select(1, t)[:, 0]  # a compiled step's (1,) t
         return sub.repeat(rows // sub.shape[0]) if rows != sub.shape[0] else sub
 
     return pick
@@ -140,9 +142,11 @@ def bench_kv_cache(
     ns: list[int], batches: list[int], redundancies: list[float], *, model: str = "tiny", device: str | None = None,
     runs: int = 10, warmups: int = 3, segment: int = 16, window: int | None = None, cfg: bool = False,
     ckpt: str | Path | None = None, seed: int = 0, on_row: Callable[[KVRow], None] | None = None,
+    compile: bool = False,
 ) -> tuple[list[KVRow], dict[str, Any]]:
     """One row per (N, batch, cache[, ρ]): static and sliced full caches, then MergeAR's compressed cache at each
-    forced redundancy ρ (or, with `ckpt`, on a trained MergeAR's own samples). `on_row` sees each row as it is
+    forced redundancy ρ (or, with `ckpt`, on a trained MergeAR's own samples). `compile` adds the sliced and MergeAR
+    rows again with compiled decode steps (their graphs compile in the warm-ups). `on_row` sees each row as it is
     made; also returns the environment. Protocol: the module docstring."""
     from ..dist import pick_device
 
@@ -179,12 +183,15 @@ def bench_kv_cache(
             for rho in (redundancies if ckpt_path is None else [None]):
                 configs.append({"cache": "mergear", "rho": rho})
             for c in configs[2:] + configs[:2]:  # ids and memory (MergeAR: one full, untimed generation)
+                c["compiled"] = False
                 if ckpt_path is None:
                     c["ids"] = forced_ids(batch, n, c["rho"] or 0.0, gen.cfg.vocab_size, g).to(dev)
                     c["k"] = n - round((c["rho"] or 0.0) * n)
                 else:  # a checkpoint: the model's own samples, which the baselines then replay
                     c["ids"], c["k"] = (None if c["cache"] == "mergear" else configs[2]["ids"]), gen.default_k()
                 c.update(_memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed))
+            if compile:  # the same ids and memory, decoded by the compiled step
+                configs += [{**c, "compiled": True} for c in configs if c["cache"] != "static"]
             # warm-ups, then timed runs round-robin over the rows, so that drift hits them all alike
             for r in range(warmups):
                 for c in configs:
@@ -198,12 +205,17 @@ def bench_kv_cache(
                     allocated[i] = dec.kv.nbytes()
             made = [_row(c, lat[i], allocated[i], n, batch, rows, w, runs, warmups, segment, dev, kv_tok, weight_bytes)
                     for i, c in enumerate(configs)]
-            static, sliced = made[0], made[1]
+            static = made[0]
+            sliced = {r.compiled: r for r in made if r.cache == "sliced"}
+            eager = {(r.cache, r.redundancy): r for r in made if not r.compiled}
             for row in made:
                 if row.cache == "mergear":
-                    for base in (sliced, static):
+                    for base in (sliced[row.compiled], static):
                         setattr(row, f"speedup_vs_{base.cache}", base.ms_per_token_median / row.ms_per_token_median)
                         setattr(row, f"memory_saving_vs_{base.cache}", base.kv_bytes_peak / row.kv_bytes_peak)
+                if row.compiled:
+                    same = eager[(row.cache, row.redundancy)] if row.cache == "mergear" else sliced[False]
+                    row.speedup_vs_eager = same.ms_per_token_median / row.ms_per_token_median
                 rows_out.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -229,7 +241,7 @@ def _memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed) -> dict[str, Any]
             dec.prefill(pick)
             for t in range(n - 1):
                 dec.step(t, pick)
-        measured = dec.kv.used
+        measured = dec.stats()["allocated_slots"]  # slots handed out (read once, after the loop)
         if c["ids"] is None:
             c["ids"] = dec.ids.clone()
     rep = first_occurrence(c["ids"])
@@ -243,7 +255,7 @@ def _memory(gen, labels, c, n, rows, w, cfg, dev, dtype, seed) -> dict[str, Any]
 def _time_one(gen, labels, c, n, rows, w, cfg, segment, dev, dtype, seed, r, total):
     """Seconds per token of one timed run (a stratified segment, or a whole generation) and its decoder."""
     seg = segment if segment and segment < n - 1 else 0
-    dec = RasterDecoder(gen, labels, c["k"], cfg, c["cache"], w, dtype)
+    dec = RasterDecoder(gen, labels, c["k"], cfg, c["cache"], w, dtype, compiled=c["compiled"])
     pick = _picker(gen, c, n, rows, cfg, seed + r, labels)
     with torch.no_grad():
         dec.prefill(pick)
@@ -268,7 +280,7 @@ def _row(c, lat, allocated, n, batch, rows, w, runs, warmups, segment, dev, kv_t
         ms_per_token_p10=q["p10"] * 1e3, ms_per_token_p90=q["p90"] * 1e3, ms_per_token_runs=[t * 1e3 for t in lat],
         tokens_per_s=batch / q["median"],
         images_per_s=batch / (q["mean"] * n), runs=runs, warmups=warmups,
-        segment=segment if segment and segment < n - 1 else n - 1, bandwidth_share=bw_share,
+        segment=segment if segment and segment < n - 1 else n - 1, bandwidth_share=bw_share, compiled=c["compiled"],
     )
 
 

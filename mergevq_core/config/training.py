@@ -23,7 +23,9 @@ class TrainLoopConfig:
     epochs: int = 270
     max_steps: int | None = None
     grad_clip: float = 5.0
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast on CUDA only)
+    # auto: bf16 autocast on CUDA, fp32 elsewhere (what bf16 meant before CPU autocast); bf16: autocast on CUDA and
+    # CPU alike (slow on CPUs without native bf16); fp16: CUDA only, with a GradScaler; fp32: no autocast
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 50
     eval_every: int = 2000
@@ -33,7 +35,7 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.schedule, "train.schedule", ("step", "cosine"))
-        _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
+        _one_of(self.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
         _one_of(self.optimizer, "train.optimizer", ("adamw",))
         _check(self.batch_size >= 1 and self.micro_batch >= 1, "train.batch_size and train.micro_batch must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")

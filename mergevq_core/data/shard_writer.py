@@ -25,10 +25,10 @@ class ShardWriter:
 
     Usage: `for i in w.pending(): r = w.item_range(i); ...; w.write(i, ids, assign, labels, indices)`, then
     `w.finish()`. If `out_dir/manifest.json` exists it must come from the same tokenizer (weights hash) and the
-    same num_items / shard_size / tokens mode / keep / views / codebook_size / n_tokens / grid, or a `DataError`
-    is raised; its finished shards are kept, and so are shard files the manifest does not list yet whose header
-    says they are the same tokenizer's shard (written by another torchrun rank before a kill). Leftover temporary
-    files of a killed run are deleted.
+    same num_items / shard_size / tokens mode / keep / views / codebook_size / n_tokens / grid / precision, or a
+    `DataError` is raised; its finished shards are kept, and so are shard files the manifest does not list yet
+    whose header says they are the same tokenizer's shard (written by another torchrun rank before a kill).
+    Leftover temporary files of a killed run are deleted.
 
     Under torchrun rank 0 is the `owner`: it checks the folder, cleans it and keeps the manifest; the other ranks
     open it after rank 0 has (`owner=False`), write only their shard files, and rank 0 `adopt()`s them at the end.
@@ -48,6 +48,7 @@ class ShardWriter:
         shard_size: int = 4096,
         views: dict[str, Any] | None = None,
         owner: bool = True,
+        precision: str = "fp32",
     ) -> None:
         if tokens_mode not in TOKEN_MODES:
             raise ValueError(f"tokens_mode must be one of {', '.join(TOKEN_MODES)}, got {tokens_mode!r}")
@@ -84,6 +85,7 @@ class ShardWriter:
             "grid": int(grid),
             "tokens": {"mode": tokens_mode, "keep": None if keep is None else int(keep)},
             "views": views,
+            "precision": str(precision),  # of the encoder pass (`tokenize --precision`)
             "dataset": dataset_info,
             "shard_size": self.shard_size,
             "num_items": self.num_items,
@@ -132,6 +134,7 @@ class ShardWriter:
             "codebook_size": (old.get("codebook_size"), new["codebook_size"]),
             "n_tokens": (old.get("n_tokens"), new["n_tokens"]),
             "grid": (old.get("grid"), new["grid"]),
+            "precision": (old.get("precision", "fp32"), new["precision"]),  # folders from before it: fp32
         }
         diffs = [f"{name} {a!r} (now {b!r})" for name, (a, b) in checks.items() if a != b]
         if diffs:

@@ -45,6 +45,7 @@ class TokenizeResult:
     tokens: int | str  # K, or "sample"
     processes: int = 1
     workers: int = 0
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,16 +101,19 @@ def _keep_counts(sampler: Any, keep: int, seed: int, index: int, views: int) -> 
 def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *, tokens: int | None = None,
                      tokens_sample: bool = False, views: str = "ten-crop", crop_range: float | None = None,
                      limit: int | None = None, batch: int = 64, shard_size: int = 4096, workers: int = 0,
-                     seed: int = 0, dist: Any = None, progress: Progress = SILENT) -> TokenizeResult:
+                     seed: int = 0, dist: Any = None, progress: Progress = SILENT,
+                     precision: str = "fp32") -> TokenizeResult:
     """Encode `data` (a folder, `shapes` or `photos`; see `data.sources`) with the tokenizer `tok` loaded from
     checkpoint `ckpt` into shards under `out`. `batch`: views per forward pass. `crop_range` (default 1.1 for
-    ten-crop, else 1.0): the square the crops are cut from, as a multiple of the image size."""
+    ten-crop, else 1.0): the square the crops are cut from, as a multiple of the image size. `precision`: fp32,
+    or bf16 autocast around encode (recorded in the manifest: a resume must use the same)."""
     import torch.distributed as tdist
     from torch.utils.data import DataLoader, Subset
 
     from ..config import config_to_dict
     from ..dist import all_reduce_sum
     from ..fileio import sha256_file
+    from ..precision import autocast, check_precision
     from ..tome import KeepSampler
     from .shard_writer import ShardWriter
     from .sources import open_images
@@ -118,6 +122,7 @@ def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *,
     on = dist is not None and dist.enabled and tdist.is_initialized()
     rank, world = (dist.rank, dist.world_size) if on else (0, 1)
     cfg = tok.cfg
+    precision = check_precision(precision)
     keep = cfg.check_keep(tokens) if tokens is not None else cfg.merge.keep
     view = TokenizeViews(cfg.model.image_size, views, (1.1 if views == "ten-crop" else 1.0) if crop_range is None else crop_range)
     nv = view.count
@@ -129,7 +134,7 @@ def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *,
         tokenizer_info={"checkpoint": str(ckpt), "hash": sha256_file(ckpt / "ema.safetensors"), "config": config_to_dict(cfg)},
         codebook_size=tok.quantizer.codebook_size, n_tokens=cfg.model.n_tokens, grid=cfg.model.grid,
         tokens_mode="sample" if tokens_sample else "fixed", keep=keep, dataset_info=info, num_items=len(ds),
-        shard_size=shard_size, views=view.describe(),
+        shard_size=shard_size, views=view.describe(), precision=precision,
     )
     writer = ShardWriter(out, **settings, owner=True) if rank == 0 else None  # type: ignore[arg-type]
     if on:
@@ -152,7 +157,8 @@ def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *,
     def flush(group: list[tuple[int, int, Tensor]], k: int) -> None:
         """Encode one forward pass of views (slot, view, image) at K = k into the shard's arrays."""
         x = torch.stack([TokenizeViews.signed(img) for _, _, img in group]).to(dev, non_blocking=True)
-        enc = tok.encode(x, tokens=k)
+        with autocast(precision, dev):
+            enc = tok.encode(x, tokens=k)
         ids, assign = enc.ids.cpu(), enc.assign.cpu()
         for n, (j, v, _) in enumerate(group):
             state["ids"][j * nv + v] = ids[n]
@@ -200,4 +206,5 @@ def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *,
                           skipped_shards=writer.num_shards - len(pending), wall_s=slowest,
                           img_per_s=encoded / slowest if slowest > 0 else 0.0,
                           views_per_s=encoded * nv / slowest if slowest > 0 else 0.0,
-                          tokens="sample" if tokens_sample else keep, processes=world, workers=workers)
+                          tokens="sample" if tokens_sample else keep, processes=world, workers=workers,
+                          precision=precision)

@@ -176,12 +176,14 @@ def stream_reconstruct(
     tok: Any, files: list[Path], ks: list[int], source: str, out: Path, *, names: list[str],
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None, batch: int = 16, workers: int = 0, save: int = 32,
     fid_weights: Path | None = None, cache: str | Path | None = None, dist: DistInfo | None = None,
-    progress: Progress = SILENT, **info: Any,
+    progress: Progress = SILENT, precision: str = "fp32", **info: Any,
 ) -> StreamResult:
     """Encode / decode this rank's part of `files` at every K in `ks`, streaming per-image rows to disk and
-    keeping only sums; triptychs (`names[j]_k{K}.png`) for images j < `save`. Returns the means over all ranks."""
+    keeping only sums; triptychs (`names[j]_k{K}.png`) for images j < `save`. Returns the means over all ranks.
+    `precision`: fp32, or bf16 autocast around encode / decode (the metrics are computed in fp32)."""
     import torch.distributed as tdist
 
+    from ..precision import autocast
     from .quality import ssim
     from .reconstruct import ReconRecord, save_triptych
 
@@ -211,7 +213,7 @@ def stream_reconstruct(
     loader = DataLoader(Subset(ImageFiles(files, size), range(start, stop)), batch_size=batch, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     part, saved, done, t0 = _part(out, rank), [], 0, time.perf_counter()
-    progress.start("reconstruct", stop - start, images=len(files), tokens=ks, **info)
+    progress.start("reconstruct", stop - start, images=len(files), tokens=ks, precision=precision, **info)
     try:
         with open(part, "w", encoding="utf-8") as fh:
             for idx, x, err in loader:
@@ -223,15 +225,17 @@ def stream_reconstruct(
                     ref.add(to_uint8(x))
                 rows: list[list[Any]] = [[] for _ in range(len(x))]
                 for ki, k in enumerate(ks):
-                    enc = tok.encode(x, tokens=k)
+                    with autocast(precision, device):
+                        enc = tok.encode(x, tokens=k)
+                        assign = tok.predict_assign(enc.ids) if source == "predicted" else enc.assign
+                        rec = tok.decode(enc.ids, assign).float().clamp(-1, 1)
+                        gt_rec = tok.decode(enc.ids, enc.assign).float().clamp(-1, 1) if source == "predicted" else None
                     used[ki, enc.ids.flatten()] = 1
-                    assign = tok.predict_assign(enc.ids) if source == "predicted" else enc.assign
-                    rec = tok.decode(enc.ids, assign).float().clamp(-1, 1)
                     m = {"psnr": psnr(rec, x).cpu(), "ssim": ssim(rec.cpu(), x.cpu())}
                     if lpips is not None:
                         m["lpips"] = torch.tensor([float(lpips(rec[i:i + 1], x[i:i + 1])) for i in range(len(x))])
-                    if source == "predicted":
-                        m["psnr_gt_source"] = psnr(tok.decode(enc.ids, enc.assign).float().clamp(-1, 1), x).cpu()
+                    if gt_rec is not None:
+                        m["psnr_gt_source"] = psnr(gt_rec, x).cpu()
                     for name, v in m.items():
                         sums[k][name] += float(v.double().sum())
                     if k in recs:

@@ -122,10 +122,12 @@ class ReconResult:
     count: int = 0
     per_image: str | None = None
     fid_reference_cached: bool | None = None
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, Any]:
-        return {"ckpt": self.ckpt, "source": self.source, "out": self.out, "count": self.count,
-                "images": [r.to_json() for r in self.images], "mean": {str(k): v for k, v in self.mean.items()},
+        return {"ckpt": self.ckpt, "source": self.source, "precision": self.precision, "out": self.out,
+                "count": self.count, "images": [r.to_json() for r in self.images],
+                "mean": {str(k): v for k, v in self.mean.items()},
                 "per_image": self.per_image, "fid_reference_cached": self.fid_reference_cached, "plot": self.plot}
 
 
@@ -181,20 +183,23 @@ def reconstruct_files(
     tok: MergeVQTokenizer, ckpt: Path, files: list[Path], *, tokens: list[int] | None = None, source: str = "gt",
     out: str | Path = "recon", fid_weights: Path | None = None, batch: int = 16, workers: int = 0,
     save: int | None = None, save_all: bool = False, cache: str | Path | None = None, dist: DistInfo | None = None,
-    progress: Progress = SILENT,
+    progress: Progress = SILENT, precision: str = "fp32",
 ) -> ReconResult:
     """Reconstruct image `files` at each K in `tokens` (default: the checkpoint's merge.keep) and report per-image
     (`out/per_image.jsonl`) and mean PSNR / SSIM (LPIPS when VGG16 weights are found), codebook usage per K, rFID
     with `fid_weights` (Inception; the originals' statistics cached under `cache`), triptychs of the first `save`
     images (default 32; `save_all`: every image) and a quality-vs-K plot for a K list. `source`: `gt` (the
     encoder's own merge assignment) or `predicted` (the source recovery model's, from the ids alone). `workers`:
-    DataLoader processes decoding the files. Under torchrun (`dist`) the ranks split the files; every rank returns
-    the same result and only rank 0 writes the summary files."""
+    DataLoader processes decoding the files. `precision`: fp32, or bf16 autocast around encode / decode. Under
+    torchrun (`dist`) the ranks split the files; every rank returns the same result and only rank 0 writes the
+    summary files."""
+    from ..precision import check_precision
     from .quality import lpips_if_available
     from .recon_stream import stream_reconstruct
 
     cfg = tok.cfg
     _check_options(source, batch, workers, save, save_all)
+    precision = check_precision(precision)
     ks = sorted(set(tokens)) if tokens else [cfg.merge.keep]
     for k in ks:
         cfg.check_keep(k)
@@ -210,9 +215,9 @@ def reconstruct_files(
     lpips = lpips.to(device) if lpips is not None else None
     st = stream_reconstruct(tok, files, ks, source, out, names=_output_names(files), lpips=lpips, batch=batch,
                             workers=workers, save=n_save, fid_weights=fid_weights, cache=cache, dist=dist,
-                            progress=progress, ckpt=str(ckpt))
+                            progress=progress, precision=precision, ckpt=str(ckpt))
     res = ReconResult(ckpt=str(ckpt), source=source, out=str(out), images=st.records, mean=st.mean, count=st.count,
-                      per_image=str(st.per_image), fid_reference_cached=st.fid_reference_cached)
+                      per_image=str(st.per_image), fid_reference_cached=st.fid_reference_cached, precision=precision)
     if len(ks) > 1:
         res.plot = str(out / "quality_vs_tokens.png")
         if dist is None or dist.is_main:

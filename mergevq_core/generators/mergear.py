@@ -45,42 +45,69 @@ def mergear_mask(rep: Tensor, window: int, prefix: int) -> Tensor:
 
 
 class PositionCache:
-    """MergeAR's bookkeeping per image, on the host (shared by the CFG halves, which see the same tokens): for each
-    generated position its id's first position (its representative) and its KV slot. A newly sampled id equal to
-    an earlier one is a duplicate. Position e leaves the window of query t when e = t - w; if it is a duplicate
-    its slot goes to the token of step t (so no slot is ever left empty and slots allocated = peak live slots);
-    a representative keeps its slot forever."""
+    """MergeAR's bookkeeping on the decoding device, as batched tensor operations (shared by the CFG halves, which
+    see the same tokens): for each generated position whether it is its id's first occurrence (a representative)
+    and its KV slot, and the slots handed out per image. A newly sampled id equal to an earlier one is a duplicate.
+    Position e leaves the window of query t when e = t - w; if it is a duplicate its slot goes to the token of step
+    t (so no slot is ever left empty, the live slots of image b are exactly [0, n_alloc[b]) and slots allocated =
+    peak live slots); a representative keeps its slot forever.
 
-    def __init__(self, batch: int, n: int, prefix: int, window: int) -> None:
-        self.first: list[dict[int, int]] = [{} for _ in range(batch)]
-        self.rep = [[False] * n for _ in range(batch)]
-        self.slot_of = [[-1] * n for _ in range(batch)]
-        self.n_alloc = [prefix] * batch  # slots handed out per image
-        self.window = window
+    Nothing here reads a tensor on the host: `t` is the loop counter (an int) or, in a compiled step, a (1,) tensor.
+    `top` is a host-side bound on max(n_alloc) (it grows by one per step, capped at `capacity`). A slot at or past
+    `capacity` cannot be written: it is clamped and `overflow` is set, and the caller decodes the batch again with a
+    full-length cache (the sampling noise is a function of the sample, so the redo draws the same ids)."""
 
-    def record(self, t: int, ids: list[int]) -> None:
-        """Position t got ids (one per image)."""
-        for b, x in enumerate(ids):
-            if x not in self.first[b]:
-                self.first[b][x] = t
-                self.rep[b][t] = True
+    def __init__(self, batch: int, n: int, prefix: int, window: int, capacity: int,
+                 device: torch.device | None = None) -> None:
+        self.rep = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        self.slot_of = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        self.n_alloc = torch.full((batch,), prefix, dtype=torch.long, device=device)
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)
+        self.prefix, self.window, self.capacity, self.top = prefix, window, capacity, prefix
 
-    def slot_for(self, t: int) -> list[int]:
-        """The KV slot of input position t for each image: the slot of position t - w if that is a duplicate
-        leaving the window, else a new one."""
-        e, out = t - self.window, []
-        for b in range(len(self.n_alloc)):
-            if e >= 0 and not self.rep[b][e]:
-                slot = self.slot_of[b][e]
-            else:
-                slot = self.n_alloc[b]
-                self.n_alloc[b] += 1
-            self.slot_of[b][t] = slot
-            out.append(slot)
-        return out
+    def record(self, t: int | Tensor, new: Tensor, ids: Tensor) -> None:
+        """Position t got ids new (B,); ids (B, N) holds the earlier positions and -1 (never an id) elsewhere."""
+        _set_col(self.rep, t, ~(ids == new[:, None]).any(1))
+
+    def slot_for(self, t: int | Tensor) -> int | Tensor:
+        """The KV slot of input position t: the slot of position t - w if that is a duplicate leaving the window,
+        else a new one. Before anything left the window every image gets slot prefix + t, returned as an int."""
+        if isinstance(t, int) and t < self.window:
+            self.slot_of[:, t] = self.prefix + t
+            self.n_alloc += 1
+            self.top = self.prefix + t + 1
+            return self.prefix + t
+        if isinstance(t, int):
+            e = t - self.window
+            reuse = ~self.rep[:, e]
+            old = self.slot_of[:, e]
+        else:  # a compiled step: no branch on t
+            e = (t - self.window).clamp(min=0)
+            reuse = (t >= self.window) & ~self.rep.index_select(1, e)[:, 0]
+            old = self.slot_of.index_select(1, e)[:, 0]
+        slot = torch.where(reuse, old, self.n_alloc)
+        self.n_alloc += (~reuse).long()
+        if self.top >= self.capacity or not isinstance(t, int):
+            self.overflow |= (slot >= self.capacity).any()
+            slot = slot.clamp(max=self.capacity - 1)
+        self.top = min(self.top + 1, self.capacity)
+        _set_col(self.slot_of, t, slot)
+        return slot
+
+    def live_mask(self, keys: int) -> Tensor:
+        """(B, keys) bool: the live slots among [0, keys)."""
+        return torch.arange(keys, device=self.n_alloc.device)[None] < self.n_alloc[:, None]
 
     def rep_tensor(self, device: torch.device | None = None) -> Tensor:
-        return torch.tensor(self.rep, dtype=torch.bool, device=device)
+        return self.rep.to(device) if device is not None else self.rep
+
+
+def _set_col(x: Tensor, t: int | Tensor, value: Tensor) -> None:
+    """x[:, t] = value (B,), for t an int or a (1,) tensor (in place, no host read)."""
+    if isinstance(t, int):
+        x[:, t] = value
+    else:
+        x.index_copy_(1, t, value[:, None])
 
 
 @register

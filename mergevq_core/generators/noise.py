@@ -88,6 +88,9 @@ class SampleNoise:
             raise ValueError(f"index must be (B,), got shape {tuple(self.index.shape)}")
         if self.index.dtype != torch.int64:
             object.__setattr__(self, "index", self.index.to(torch.int64))
+        # the seed's term as a tensor, so that a compiled step does not specialise on the seed
+        object.__setattr__(self, "_seed_term", torch.tensor(_signed(self.seed * _SEED_K), device=self.index.device))
+        object.__setattr__(self, "_elements", {})  # n -> arange(n)·key, made once (eagerly, by the first draw)
 
     @classmethod
     def arange(cls, seed: int, batch: int, start: int = 0, device: torch.device | str | None = None) -> "SampleNoise":
@@ -109,13 +112,17 @@ class SampleNoise:
     def bits(self, stream: int, step: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:
         """(B, *shape) int64 hashes of (seed, index, stream, step, element), element = the flat position in shape.
         `step` may be a 0-d / (B,) tensor (a compiled step need not specialise on it)."""
-        h = mix64(self.index * _INDEX_K + _signed(self.seed * _SEED_K))
+        h = mix64(self.index * _INDEX_K + self._seed_term)
         h = _mix_in(h, stream, _STREAM_K)
         h = _mix_in(h, step, _STEP_K)
         n = 1
         for s in shape:
             n *= s
-        elem = torch.arange(n, device=self.device, dtype=torch.int64) * _ELEM_K
+        elem = self._elements.get(n)
+        if elem is None:
+            # a tensor, not an index expression inside a compiled step: inductor's C++ index arithmetic does not
+            # wrap like int64 tensors do (it changed ~1 in 5 hashes when this product was traced)
+            elem = self._elements[n] = torch.arange(n, device=self.device, dtype=torch.int64) * _ELEM_K
         return mix64(h[:, None] + elem[None]).reshape(len(self), *shape)
 
     def uniform(self, stream: int, step: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:

@@ -49,13 +49,13 @@ class PatchDiscriminator(nn.Module):
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """0.5 · (E[relu(1 − D(x))] + E[relu(1 + D(x̂))])."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    """0.5 · (E[relu(1 − D(x))] + E[relu(1 + D(x̂))]), in float32 whatever the logits' dtype."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def generator_adv_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating loss, per sample on the mean logit: mean_b softplus(−mean_{hw} D(x̂)_b) (release)."""
-    return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
+    """Non-saturating loss, per sample on the mean logit: mean_b softplus(−mean_{hw} D(x̂)_b) (release); float32."""
+    return F.softplus(-logits_fake.float().flatten(1).mean(1)).mean()
 
 
 class LeCam(nn.Module):

@@ -92,4 +92,15 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
-        return self.net(x_hat, x, normalize=False).mean()
+        """`lpips.LPIPS.forward` (v0.1, not spatial), with the VGG trunk under the caller's autocast and the feature
+        normalisation, squared differences, linear heads and averages in float32 (in bf16 the unit-norm features'
+        differences lose most of their digits)."""
+        net = self.net
+        outs0, outs1 = net.net.forward(net.scaling_layer(x_hat)), net.net.forward(net.scaling_layer(x))
+        with torch.autocast(x.device.type, enabled=False):
+            val: Tensor | float = 0.0
+            for kk in range(net.L):
+                f0, f1 = lpips.normalize_tensor(outs0[kk].float()), lpips.normalize_tensor(outs1[kk].float())
+                val = val + net.lins[kk]((f0 - f1) ** 2).mean(dim=(2, 3), keepdim=True)
+        assert isinstance(val, Tensor)
+        return val.mean()

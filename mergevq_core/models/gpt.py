@@ -163,6 +163,18 @@ def gpt_tiny(vocab_size: int = 64, max_len: int = 16, factorized: tuple[int, ...
 # ----------------------------------------------------------------------------- layers
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear (same parameters and state dict) that, for the few rows of a decode step on a CPU, computes
+    (W·xᵀ)ᵀ instead of x·Wᵀ: MKL then streams W once as a matrix-vector product instead of packing it for a
+    GEMM, measured 1.3–3.4× faster for 2–64 rows on a 2-core AVX2 EPYC (M = 1 and training keep F.linear)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if 2 <= rows <= 128 and x.device.type == "cpu" and self.bias is None and not torch.is_grad_enabled():
+            return torch.mm(self.weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     """Bias-free multi-head self-attention with 2D RoPE on q and k (applied before caching), through SDPA."""
 
@@ -176,8 +188,10 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x (B, L, C); cos, sin (L, D/2) or (B, L, D/2); mask (no cache) None = causal, else bool (True = may
         attend) or additive, (L, L) or (B, L, L). With a cache the mask comes from the cache."""
-        q, k, v = rearrange(self.wqkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, L, C = x.shape
+        qkv = self.wqkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)  # one rotation for q and k
+        v = qkv[2]
         if cache is not None:
             k, v, mask = cache.update(layer, k, v)  # (B, H, T, D)
             causal = mask is None and q.shape[2] > 1
@@ -192,7 +206,7 @@ class Attention(nn.Module):
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, D)
-        return self.wo(rearrange(out, "b h l d -> b l (h d)"))
+        return self.wo(out.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
@@ -236,6 +250,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for head in self.heads:
             nn.init.zeros_(head.weight)
+        for m in self.modules():  # decode steps take DecodeLinear's matrix-vector path (no new parameters)
+            if type(m) is nn.Linear:
+                m.__class__ = DecodeLinear
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -2,7 +2,8 @@
 
 One object serves every decoding layout: LlamaGen's plain cache (sliced to the live length, or a static
 full-length buffer as a baseline), RandAR's parallel steps (`truncate` re-encodes the last step's tokens) and
-MergeAR's compressed cache (`free` a duplicate's slot when it leaves the window, `compact` the live slots).
+MergeAR's compressed cache (`slot_write`: each sequence writes its own slot, chosen on the device, without a host
+synchronisation; `compact` the live slots) and the static-shape step a compiled decoder runs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "SlotWrite"]
+
+
+class SlotWrite:
+    """One decode token per sequence, written at its own slot and read back under a mask: the sync-free step of
+    MergeAR's cache and of a static-shape (compiled) decode step. slots (B,) long on the device; attention reads
+    slots [0, keys) (a bound the caller knows on the host); mask (B, 1, 1, keys) bool (True = live) or None.
+    It holds no state of its own, so a compiled step builds one per call."""
+
+    __slots__ = ("k", "v", "rows", "slots", "keys", "mask")
+
+    def __init__(self, k: Tensor, v: Tensor, rows: Tensor, slots: Tensor, keys: int, mask: Tensor | None) -> None:
+        self.k, self.v, self.rows, self.slots, self.keys, self.mask = k, v, rows, slots, keys, mask
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        self.k[layer, self.rows, :, self.slots] = k[:, :, 0]
+        self.v[layer, self.rows, :, self.slots] = v[:, :, 0]
+        return self.k[layer, :, :, : self.keys], self.v[layer, :, :, : self.keys], self.mask
 
 
 class KVCache:
@@ -39,6 +57,7 @@ class KVCache:
         self._holes = False  # some slot below `used` was freed and not reused
         self._pending: tuple[int, int, Tensor | int | None, int] | None = None  # (start, n, slots, top)
         self.mask: Tensor | None = None
+        self._rows = torch.arange(batch, device=device)  # row indices of a per-sequence slot write
 
     @property
     def capacity(self) -> int:
@@ -125,6 +144,17 @@ class KVCache:
         self._pending = None
         self.mask = None
 
+    def slot_write(self, slots: Tensor, keys: int, mask: Tensor | None) -> SlotWrite:
+        """A one-token step in which sequence b writes slot slots[b] (see `SlotWrite`); nothing is checked on the
+        host, so the caller keeps slots in [0, capacity) and `keys` <= capacity. Pass it to `GPT.trunk` as the
+        cache. `used` becomes at least `keys`; `valid` is not updated (the caller's mask says what is live)."""
+        if self._pending is not None:
+            raise RuntimeError("KVCache.slot_write during a step")
+        if keys > self.capacity:
+            raise ValueError(f"KV cache overflow: {keys} slots read, {self.capacity} allocated")
+        self.used = max(self.used, keys)
+        return SlotWrite(self.k, self.v, self._rows, slots, keys, mask)
+
     def free(self, slots: Tensor) -> None:
         """Invalidate slots[b] (or every slots[b, j]) of sequence b; -1 entries are ignored."""
         hit = slots >= 0
@@ -159,12 +189,13 @@ class KVCache:
         valid[:, : self.used] = self.valid[:, : self.used]
         self.valid = valid
 
-    def compact(self) -> Tensor:
-        """Move every sequence's valid slots to the front, in order; returns the new index of each old slot
-        (B, used), -1 for the invalid ones. Attention does not depend on slot order (keys carry their RoPE)."""
+    def compact(self, valid: Tensor | None = None) -> Tensor:
+        """Move every sequence's valid slots (`valid` (B, used), default the cache's own mask) to the front, in
+        order; returns the new index of each old slot (B, used), -1 for the invalid ones. Attention does not depend
+        on slot order (keys carry their RoPE)."""
         if self._pending is not None:
             raise RuntimeError("KVCache.compact during a step")
-        valid = self.valid[:, : self.used]
+        valid = self.valid[:, : self.used] if valid is None else valid
         new_index = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(valid, -1, dtype=torch.long))
         live = valid.sum(1)
         top = int(live.max()) if live.numel() else 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 __all__ = ["apply_rope", "grid_positions", "identity_rope", "rope_2d"]
@@ -45,7 +44,8 @@ def identity_rope(head_dim: int, *shape: int, device: torch.device | None = None
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the interleaved channel pairs of x, computed in float32 and cast back to x's dtype.
 
-    Shapes: x (B, H, L, D); cos, sin (L, D/2) shared by the batch, or (B, L, D/2) per sample.
+    Shapes: x (B, H, L, D) or (S, B, H, L, D) (q and k stacked: one rotation for both); cos, sin (L, D/2) shared
+    by the batch, or (B, L, D/2) per sample.
     """
     if cos.dim() == 2:
         cos, sin = cos[None, None], sin[None, None]  # (1, 1, L, P)
@@ -53,10 +53,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, L, P)
     else:
         raise ValueError(f"cos/sin must be (L, D/2) or (B, L, D/2), got {tuple(cos.shape)}")
-    pairs = rearrange(x.float(), "b h l (p two) -> b h l p two", two=2)
-    x0, x1 = pairs.unbind(-1)  # (B, H, L, P) each
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., L, P) each: the pairs' two channels
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return rearrange(out, "b h l p two -> b h l (p two)").to(x.dtype)
+    return out.flatten(-2).to(x.dtype)
 
 
 def grid_positions(n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:

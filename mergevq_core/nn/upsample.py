@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import torch
 from einops import rearrange
+from torch import Tensor, nn
 
 
 class DepthToSpaceUpsample(nn.Module):
@@ -13,4 +14,9 @@ class DepthToSpaceUpsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, 2h, 2w)
         # DCR order (channel = (dy*2 + dx)*C + c) as the release; PixelShuffle differs by a fixed permutation.
-        return rearrange(self.conv(x), "b (dy dx c) h w -> b c (h dy) (w dx)", dy=2, dx=2)
+        y = self.conv(x)
+        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+            # the same values, rearranged in NHWC memory so that the result stays channels_last
+            nhwc = rearrange(y.permute(0, 2, 3, 1), "b h w (dy dx c) -> b (h dy) (w dx) c", dy=2, dx=2)
+            return nhwc.permute(0, 3, 1, 2)
+        return rearrange(y, "b (dy dx c) h w -> b c (h dy) (w dx)", dy=2, dx=2)

@@ -147,7 +147,7 @@ class FinetuneTask(TrainTask):
     def _tokenizer(self) -> Any:
         from ..runs import load_tokenizer
 
-        return load_tokenizer(self.cfg.tokenizer, "cpu")[0]
+        return load_tokenizer(self.cfg.tokenizer, "cpu", channels_last=False)[0]  # trained: left as it was
 
     def train_data(self, per_step: int) -> TrainData:
         from ..data.labelled import labelled_data

@@ -24,6 +24,7 @@ from .. import checkpoint as ck
 from ..config import config_to_dict
 from ..dist import DistInfo, all_reduce_mean
 from ..errors import CheckpointError, ConfigError, DataError, MergeVQError
+from ..precision import train_autocast
 from ..progress import SILENT, Progress
 from .optim import lr_at, set_lr
 from .preempt import StopSignals, TrainingInterrupted
@@ -155,6 +156,7 @@ class _Loop:
         meta = None
         if self.ckpt is not None:
             meta = ck.read_meta(self.ckpt, expect_kind=task.kind, expect_generator=task.generator, hint=": use another --out")
+        self.autocast = train_autocast(tc.precision, dist.device)  # fp16 off CUDA: a ConfigError before any work
         task.preflight()
         per_step = tc.micro_batch * dist.world_size
         if tc.batch_size % per_step:
@@ -184,8 +186,6 @@ class _Loop:
         self.log = MetricsLog(self.run_dir, self.step if self.ckpt is not None else None, dist.is_main)
         if dist.is_main:
             task.prepare_eval()
-        self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16 if tc.precision == "bf16" else torch.float16,
-                                       enabled=cuda and tc.precision != "fp32")
         self.grad_clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
 
     def _restore(self, ckpt: Path) -> None:

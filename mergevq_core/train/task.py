@@ -41,13 +41,13 @@ class MicroStep:
     step: int
     accum: int  # micro-batches per optimizer step
     info: dict[str, Any]  # what `begin_step` returned
-    autocast: Any  # torch.autocast context (disabled on CPU and for fp32)
+    autocast: Any  # torch.autocast context of train.precision (disabled for fp32, and for auto off CUDA)
     scaler: torch.amp.GradScaler
     grad_clip: float  # max gradient norm; inf when clipping is off
 
     def backward(self, loss: Tensor) -> None:
-        """Backpropagate one micro-batch's share of the step's loss (scaled for fp16)."""
-        self.scaler.scale(loss / self.accum).backward()
+        """Backpropagate one micro-batch's share of the step's loss (float32; scaled for fp16)."""
+        self.scaler.scale(loss.float() / self.accum).backward()
 
 
 @dataclass(frozen=True)
