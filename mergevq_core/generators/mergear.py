@@ -98,9 +98,6 @@ class PositionCache:
         """(B, keys) bool: the live slots among [0, keys)."""
         return torch.arange(keys, device=self.n_alloc.device)[None] < self.n_alloc[:, None]
 
-    def rep_tensor(self, device: torch.device | None = None) -> Tensor:
-        return self.rep.to(device) if device is not None else self.rep
-
 
 def _set_col(x: Tensor, t: int | Tensor, value: Tensor) -> None:
     """x[:, t] = value (B,), for t an int or a (1,) tensor (in place, no host read)."""
