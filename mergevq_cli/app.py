@@ -53,9 +53,22 @@ def main() -> None:
 
     from . import console
 
+    from typer._click.exceptions import ClickException  # typer >= 0.29 bundles its own click
+
     _state["debug"] = "--debug" in sys.argv[1:]
     try:
-        app()
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # `--help`, `--version` and the like exit through here
+            sys.exit(code)
+    except ClickException as e:  # a bad option or argument: one line that names it, exit code 2 (click's)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `mergevq` alone, or a group without its command
+            e.show()
+            sys.exit(e.exit_code)
+        if _state["debug"]:
+            raise
+        ctx = getattr(e, "ctx", None)
+        console.error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
+        sys.exit(e.exit_code)
     except MergeVQError as e:
         if _state["debug"]:
             raise

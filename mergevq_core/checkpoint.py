@@ -34,9 +34,14 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*"):  # the unfinished write of a process killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
+    except OSError as e:
+        raise _write_failed(root, step, e) from None
     try:
         for name, sd in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
@@ -50,14 +55,25 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
+        write_atomic(root / "latest", json.dumps({"step": step, "dir": final.name}).encode())
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions, quota: the previous checkpoint and `latest` stand
+            raise _write_failed(root, step, e) from None
         raise
-    write_atomic(root / "latest", json.dumps({"step": step, "dir": final.name}).encode())
     others = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)  # never the one `latest` names
     for old in others[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failed(root: Path, step: int, e: OSError) -> CheckpointError:
+    try:
+        previous = latest_checkpoint(root.parent)
+    except CheckpointError:
+        previous = None
+    kept = f"{previous} (which `latest` names) is intact" if previous else "there is no earlier checkpoint"
+    return CheckpointError(f"could not write the checkpoint of step {step} in {root}: {e.strerror or e}; {kept}")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

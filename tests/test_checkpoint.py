@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -56,10 +59,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     good = _save(tmp_path, 5)
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck.torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=f"step 6 .*No space left on device; {good} .* is intact"):
         _save(tmp_path, 6)
     assert ck.latest_checkpoint(tmp_path) == good
     assert [p.name for p in (tmp_path / ck.CKPT_DIR).iterdir() if p.name.startswith(".")] == []  # no debris
@@ -104,3 +107,28 @@ def test_strict_loading_names_the_keys():
     bad["0.weight"] = torch.zeros(5, 5)
     with pytest.raises(CheckpointError, match=r"missing: 1\.bias.*unexpected: extra\.weight.*wrong shape: 0\.weight"):
         ck.load_state_strict(model, bad, "ckpt")
+
+
+def test_training_on_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from mergevq_cli import app as app_module
+
+    real, calls = ck.torch.save, []
+
+    def fills_up(*a, **k):  # the first checkpoint fits, the second finds the disk full
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", fills_up)
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["mergevq", "train-tokenizer", "recipes/tiny.yaml", "--out", str(run), "--max-steps",
+                                      "2", "--set", "train.ckpt_every=1", "--set", "train.eval_images=8", "--json"])
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exc:
+        app_module.main()
+    assert exc.value.code == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "step 2" in lines[0] and "No space left" in lines[0] and "step_0000001" in lines[0]
+    assert ck.latest_checkpoint(run).name == "step_0000001"
+    assert not [p for p in (run / ck.CKPT_DIR).iterdir() if p.name.startswith(".")]

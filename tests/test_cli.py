@@ -85,6 +85,7 @@ def test_info_table_output():
         (["info", "recipes/ar/tiny.yaml", "--set", "generator.window=0"], "generator.window must be >= 1"),
         (["train-ar", "recipes/gr.yaml"], "tokenizer recipe"),
         (["train-tokenizer", "recipes/ar/tiny.yaml"], "kind: ar"),
+        (["info", "recipes/tiny.yaml", "--set", "data.root=/data/train"], "data.root is set but data.source is shapes"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, needle):

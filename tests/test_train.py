@@ -1,4 +1,4 @@
-"""Stage-1 training: exact resume after SIGKILL, a clean stop on SIGTERM / SIGINT, torchrun with gloo, checks
+"""Stage-1 training: exact resume after SIGKILL, a clean stop on SIGTERM / SIGINT / SIGUSR1, torchrun with gloo, checks
 before the first step, NaN guard, checkpoint cadences."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tmp_path):
-    out, steps = tmp_path / "ddp", 40
+    out, steps = tmp_path / "ddp", 16
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
            "-m", "mergevq_cli", *train_args(out, steps, "--set", "train.batch_size=8", "--set", "train.ckpt_every=1000")]
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -96,6 +96,19 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tmp_path):
     assert meta["world_size"] == 2 and meta["step"] < steps
     assert f"interrupted by SIGTERM at step {meta['step']}: checkpoint" in err, err[-3000:]
     assert len(read_train_state_data(latest_checkpoint(out))) == 2  # both ranks' data positions were gathered
+
+    # resumed under torchrun, it ends as a 2-process run that was never stopped
+    at, ref = meta["step"], tmp_path / "ref"
+    for run, extra in ((out, ("--resume",)), (ref, ())):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+               "-m", "mergevq_cli", *train_args(run, steps, "--set", "train.batch_size=8",
+                                                "--set", "train.ckpt_every=1000", *extra)]
+        res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = rows(ref), rows(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    after = [(comparable(x), comparable(y)) for x, y in zip(a, b) if x["step"] > at]
+    assert after and all(x == y for x, y in after), [(x, y) for x, y in after if x != y][:1]
 
 
 def read_train_state_data(ckpt: Path) -> list:
@@ -158,19 +171,21 @@ def test_run_folder_contents(tmp_path):
     assert 0 < res.codebook_usage <= 1 and 0 <= res.source_recovery_acc <= 1
 
 
-def wait_for_a_logged_step(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_a_logged_step(run: Path, proc: subprocess.Popen, timeout: float = 120, after: int = 0) -> None:
+    """Until metrics.jsonl has a training row past step `after` (a resumed run appends to the stopped one's)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         path = run / "metrics.jsonl"
-        if path.exists() and any('"loss"' in line for line in path.read_text().splitlines()):
+        if path.exists() and any('"loss"' in line and json.loads(line).get("step", 0) > after
+                                 for line in path.read_text().splitlines() if line.strip()):
             return
         time.sleep(0.02)
     raise AssertionError("the run logged no step in time")
 
 
-def stop_with(sig: int, proc: subprocess.Popen, run: Path, steps: int) -> tuple[int, str]:
-    """Send `sig` once the run logged a step; check the clean stop; return (its step, its stderr line)."""
-    wait_for_a_logged_step(run, proc)
+def stop_with(sig: int, proc: subprocess.Popen, run: Path, steps: int, after: int = 0) -> tuple[int, str]:
+    """Send `sig` once the run logged a step past `after`; check the clean stop; return (its step, its stderr line)."""
+    wait_for_a_logged_step(run, proc, after=after)
     t = time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -195,7 +210,7 @@ def full_run(tmp_path_factory) -> tuple[Path, dict]:
     return run, json.loads(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_signal_stops_with_a_checkpoint_and_resume_continues_exactly(tmp_path, full_run, sig):
     steps, run = 12, tmp_path / "stopped"
     at, _ = stop_with(sig, cli(*train_args(run, steps, "--set", "train.ckpt_every=1000")), run, steps)
@@ -226,6 +241,23 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, full_run):
     p = cli(*[a for a in train_args(run, 12, "--resume") if a != "--json"])
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and "already finished at step 12" in out, out + err
+
+
+def test_resume_refuses_a_changed_recipe_but_not_a_longer_run(tmp_path, full_run):
+    run = tmp_path / "other"
+    shutil.copytree(full_run[0], run)
+    before = (run / "config.json").read_text()
+    p = cli(*train_args(run, 12, "--resume", "--set", "train.lr=0.5"))
+    _, err = p.communicate(timeout=300)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1, err
+    assert f"--resume: {run} was trained with train.lr=0.001, this recipe gives 0.5" in lines[0], lines[0]
+    assert (run / "config.json").read_text() == before
+    from mergevq_core.config import config_to_dict, load_config
+    from mergevq_core.train.loop import refuse_changed_config
+
+    longer = config_to_dict(load_config(ROOT / "recipes/tiny.yaml", [*FAST_TRAIN, "train.max_steps=40"]))
+    refuse_changed_config(run, longer)  # a longer run (and other cadences) may be resumed
 
 
 def test_keep_checkpoints_and_the_minutes_cadence(tmp_path, monkeypatch):

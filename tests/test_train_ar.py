@@ -1,5 +1,5 @@
-"""Stage-2 training on synthetic token shards: every generator learns, exact resume after SIGKILL and after a
-clean stop on SIGINT, torchrun with gloo, and one-line errors for recipes and shards that do not fit."""
+"""Stage-2 training on synthetic token shards: every generator learns, exact resume after SIGKILL and after
+clean stops on SIGTERM and SIGINT, torchrun with gloo, and one-line errors for recipes and shards that do not fit."""
 
 from __future__ import annotations
 
@@ -123,22 +123,29 @@ def test_resume_after_sigkill_continues_exactly(tmp_path, shards):
     assert after and all(strip(x) == strip(y) for x, y in after)  # losses, lr, validation loss
 
 
-def test_sigint_stops_with_a_checkpoint_and_resume_continues_exactly(tmp_path, shards):
+def test_signals_stop_with_a_checkpoint_and_resume_continues_exactly(tmp_path, shards):
+    """SIGTERM, then SIGINT on the resumed run, then a resume to the end: the same rows as an uninterrupted run."""
     from .test_train import stop_with
 
     steps, run = 40, tmp_path / "stopped"
     full = cli(*args(shards, tmp_path / "full", steps))
-    at, _ = stop_with(signal.SIGINT, cli(*args(shards, run, steps, "--set", "train.ckpt_every=1000")), run, steps)
+    stops = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        resume = ("--resume",) if stops else ()
+        at, _ = stop_with(sig, cli(*args(shards, run, steps, "--set", "train.ckpt_every=1000", *resume)), run, steps,
+                          after=stops[-1] if stops else 0)
+        stops.append(at)
+    assert stops[0] < stops[1]
     resumed = cli(*args(shards, run, steps, "--resume"))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert json.loads(out)["resumed_from"] == at
+    assert json.loads(out)["resumed_from"] == stops[1]
     _, err = full.communicate(timeout=300)
     assert full.returncode == 0, err
     a, b = rows(tmp_path / "full"), rows(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")}
-    after = [(x, y) for x, y in zip(a, b) if x["step"] > at]
+    after = [(x, y) for x, y in zip(a, b) if x["step"] > stops[0]]
     assert after and all(strip(x) == strip(y) for x, y in after)  # losses, lr, validation loss
 
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import console
 from ..options import (BenchOutOpt, BenchPrecisionOpt, DeviceOpt, JsonOpt, RunsOpt, TokenizerOpt, checked_precision,
-                       float_list, int_list)
+                       float_list, int_list, positive)
 
 EXAMPLES = """
 Examples:
@@ -65,14 +65,14 @@ def kv_cache(
     redundancy: Annotated[str, typer.Option("--redundancy", help="Forced share ρ of positions repeating an earlier id.")] = "0,0.44,0.75",
     model: Annotated[str, typer.Option("--model", help="tiny (2 layers, 64-d), b or l (LlamaGen sizes, 2^18 factorised head).")] = "tiny",
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained MergeAR run instead of random weights (its own samples, realised ρ).")] = None,
-    window: Annotated[Optional[int], typer.Option("--window", help="MergeAR window w (default: grid side + 1).")] = None,
+    window: Annotated[Optional[int], typer.Option("--window", min=1, help="MergeAR window w (default: grid side + 1).")] = None,
     cfg: Annotated[bool, typer.Option("--cfg", help="Classifier-free guidance: two rows per image.")] = False,
     runs: RunsOpt = 10,
-    warmups: Annotated[int, typer.Option("--warmups", help="Warm-up runs per row (>= 3).")] = 3,
-    segment: Annotated[int, typer.Option("--segment", help="Tokens per timed run at stratified positions; 0 = whole generations.")] = 16,
+    warmups: Annotated[int, typer.Option("--warmups", min=3, help="Warm-up runs per row (>= 3).")] = 3,
+    segment: Annotated[int, typer.Option("--segment", min=0, help="Tokens per timed run at stratified positions; 0 = whole generations.")] = 16,
     compile_: Annotated[bool, typer.Option("--compile", help="Also the sliced and MergeAR rows with compiled decode steps (each shape compiles once, in the warm-ups).")] = False,
     out: BenchOutOpt = Path("bench"),
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
@@ -82,7 +82,7 @@ def kv_cache(
     from mergevq_core.bench.kvcache import bench_kv_cache, plot_kv
     from mergevq_core.errors import ConfigError
 
-    ns, bs, rhos = int_list(n, "--n"), int_list(batch, "--batch"), float_list(redundancy, "--redundancy")
+    ns, bs, rhos = int_list(n, "--n"), int_list(batch, "--batch"), float_list(redundancy, "--redundancy", 0, 0.99)
     if not ns or not bs or not rhos or min(bs) < 1 or any(not 0 <= r < 1 for r in rhos):
         raise ConfigError("--n, --batch and --redundancy need values: batch >= 1, 0 <= ρ < 1")
     if runs < 10 or warmups < 3:
@@ -124,7 +124,7 @@ def tokenizer(
     ckpt: TokenizerOpt = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="A tokenizer recipe with random weights instead of a run.")] = None,
     tokens: Annotated[Optional[str], typer.Option("--tokens", "-k", help="K values, comma-separated (default: the recipe's evaluation list).")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per call.")] = 16,
     runs: RunsOpt = 10,
     precision: BenchPrecisionOpt = None,
     out: BenchOutOpt = Path("bench"),
@@ -153,12 +153,12 @@ def tokenizer(
 @app.command("ar", epilog=EXAMPLES)
 def ar(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="A generator recipe (kind: ar) giving the model size (default recipes/ar/tiny.yaml).")] = None,
-    layers: Annotated[Optional[int], typer.Option("--layers", help="Transformer blocks (instead of the recipe's).")] = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Model width.")] = None,
-    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention heads.")] = None,
-    vocab: Annotated[Optional[int], typer.Option("--vocab", help="Codebook size V.")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Image tokens N (a square).")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Images per training step and per sampling call.")] = 16,
+    layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="Transformer blocks (instead of the recipe's).")] = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", min=1, help="Model width.")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", min=1, help="Attention heads.")] = None,
+    vocab: Annotated[Optional[int], typer.Option("--vocab", min=2, help="Codebook size V.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", min=1, help="Image tokens N (a square).")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per training step and per sampling call.")] = 16,
     generators: Annotated[str, typer.Option("--generators", help="Comma-separated: llamagen, mergear, randar.")] = "llamagen,mergear,randar",
     cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="Sample with classifier-free guidance (scale 2, two rows per image).")] = True,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Also time the training step.")] = True,
@@ -201,12 +201,12 @@ def ar(
 
 @app.command("lfq", epilog=EXAMPLES)
 def lfq(
-    dim: Annotated[int, typer.Option("--dim", help="Code bits D (codebook 2^D; the paper: 18).")] = 18,
-    tokens: Annotated[int, typer.Option("--tokens", "-k", help="Tokens per image.")] = 256,
-    batch: Annotated[int, typer.Option("--batch", help="Images per call.")] = 2,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Code bits D (codebook 2^D; the paper: 18).")] = 18,
+    tokens: Annotated[int, typer.Option("--tokens", "-k", min=1, help="Tokens per image.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per call.")] = 2,
     chunk: Annotated[str, typer.Option("--chunk", help="Codes per accumulation chunk, comma-separated.")] = "128,4096",
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs per chunk size.")] = 10,
-    budget: Annotated[float, typer.Option("--budget", help="Seconds one forward + backward may take.")] = 30.0,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per chunk size.")] = 10,
+    budget: Annotated[float, typer.Option("--budget", callback=positive, help="Seconds one forward + backward may take.")] = 30.0,
     out: BenchOutOpt = Path("bench"),
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, per_sub_token
+from ..options import DeviceOpt, JsonOpt, class_ids, per_sub_token
 
 EXAMPLES = """
 Examples:
@@ -43,11 +43,11 @@ class _Bar(console.BarProgress):
 
 
 def generate(
-    class_: Annotated[Optional[list[int]], typer.Option("--class", "-c", help="Class id to sample (repeatable).")] = None,
+    class_: Annotated[Optional[list[int]], typer.Option("--class", "-c", callback=class_ids, help="Class id to sample (repeatable).")] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="More classes: `all`, a range 0-99 or a list 1,5,7.")] = None,
     sampler: Annotated[str, typer.Option("--sampler", help="llamagen, mergear or randar.")] = "mergear",
-    per_class: Annotated[Optional[int], typer.Option("--per-class", "--n", help="Samples per class (default 8; the paper: 50).")] = None,
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Samples in all, spread evenly over the classes (instead of --per-class).")] = None,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", "--n", min=1, help="Samples per class (default 8; the paper: 50).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", min=1, help="Samples in all, spread evenly over the classes (instead of --per-class).")] = None,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Generator run or checkpoint (default: the newest run of --sampler).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer run, if it moved since the generator was trained.")] = None,
     recovery: Annotated[Optional[Path], typer.Option("--recovery", help="randar: decode with the source recovery model of this `mergevq tune-recovery` run instead of the tokenizer's.")] = None,
@@ -56,15 +56,15 @@ def generate(
     temperature: Annotated[str, typer.Option("--temperature", help="Sampling temperature (per sub-token: 1.1,1.0).")] = "1.0",
     top_k: Annotated[str, typer.Option("--top-k", help="Keep the k most likely ids (0 = all).")] = "0",
     top_p: Annotated[str, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = "1.0",
-    tokens: Annotated[Optional[int], typer.Option("--tokens", "-k", help="K: mergear's merge instruction, randar's slots (default: the training data's most common K).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="randar: parallel decoding steps (default 88 for 256 tokens, 64 for 144).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same images.")] = 0,
-    batch: Annotated[int, typer.Option("--batch", help="Images decoded together.")] = 64,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", "-k", min=1, help="K: mergear's merge instruction, randar's slots (default: the training data's most common K).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="randar: parallel decoding steps (default 88 for 256 tokens, 64 for 144).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed; the same seed gives the same images.")] = 0,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images decoded together.")] = 64,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: samples/<sampler>-<time>); the same command on it again resumes.")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard file (the unit of resuming; shards go round-robin to processes).")] = 500,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard file (the unit of resuming; shards go round-robin to processes).")] = 500,
     png: Annotated[bool, typer.Option("--png", help="Also write one PNG per sample under images/.")] = False,
-    grid_rows: Annotated[int, typer.Option("--grid-rows", help="Classes shown in grid.png (one row each).")] = 8,
-    grid_cols: Annotated[int, typer.Option("--grid-cols", help="Samples per class shown in grid.png.")] = 8,
+    grid_rows: Annotated[int, typer.Option("--grid-rows", min=1, help="Classes shown in grid.png (one row each).")] = 8,
+    grid_cols: Annotated[int, typer.Option("--grid-cols", min=1, help="Samples per class shown in grid.png.")] = 8,
     fid: Annotated[Optional[str], typer.Option("--fid", help="gFID against a folder of real images, `shapes`, or an .npz with mu/sigma.")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity Inception weights (needed for IS).")] = None,
     consistency: Annotated[bool, typer.Option("--consistency", help="Score class consistency with a classifier trained on the same data.")] = False,
@@ -81,12 +81,12 @@ def generate(
     if cfg_schedule == "auto":
         cfg_schedule = GENERATORS[sampler].default_cfg_schedule if sampler in GENERATORS else "constant"
     try:
-        top_k_v = per_sub_token(top_k, "--top-k")
+        top_k_v = per_sub_token(top_k, "--top-k", 0)
         settings = SamplingSettings(
-            cfg=per_sub_token(cfg, "--cfg"), cfg_schedule=cfg_schedule,
-            temperature=per_sub_token(temperature, "--temperature"),
+            cfg=per_sub_token(cfg, "--cfg", 0), cfg_schedule=cfg_schedule,
+            temperature=per_sub_token(temperature, "--temperature", 0),
             top_k=tuple(int(v) for v in top_k_v) if isinstance(top_k_v, tuple) else int(top_k_v),
-            top_p=per_sub_token(top_p, "--top-p"),
+            top_p=per_sub_token(top_p, "--top-p", 0, 1),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, ResumeOpt, TokenizerOpt
+from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, ResumeOpt, TokenizerOpt, positive, tokens_or_all
 from .train_tokenizer import TrainBar, steps_text
 
 EXAMPLES = """
@@ -42,18 +42,18 @@ def probe(
     ckpt: TokenizerOpt = None,
     protocol: Annotated[str, typer.Option("--protocol", help="linear: BN + linear head on frozen features; "
                                           "finetune: the encoder and a head trained end to end.")] = "linear",
-    tokens: Annotated[str, typer.Option("--tokens", "-k", help="`all` (no merging) or K merged tokens.")] = "all",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (linear: 90, finetune: 100).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (linear: 1e-3; finetune: "
+    tokens: Annotated[str, typer.Option("--tokens", "-k", callback=tokens_or_all, help="`all` (no merging) or K merged tokens.")] = "all",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (linear: 90, finetune: 100).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", callback=positive, help="Peak learning rate (linear: 1e-3; finetune: "
                                                 "5e-4 × batch / 256).")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Global batch size.")] = 1024,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="finetune: images per process per "
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Global batch size.")] = 1024,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", min=1, help="finetune: images per process per "
                                                        "forward (default 128; accumulation makes up --batch).")] = None,
-    n_train: Annotated[Optional[int], typer.Option("--train", help="Training images (shapes: generated, default "
+    n_train: Annotated[Optional[int], typer.Option("--train", min=1, help="Training images (shapes: generated, default "
                                                    "5000; a folder: at most, default all).")] = None,
-    n_test: Annotated[Optional[int], typer.Option("--test", help="Test images (shapes: default 1000; a folder: at "
+    n_test: Annotated[Optional[int], typer.Option("--test", min=1, help="Test images (shapes: default 1000; a folder: at "
                                                   "most, default all).")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Image-decoding DataLoader workers.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding DataLoader workers.")] = 0,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="linear: feature cache folder (default "
                                                   "$MERGEVQ_CACHE or ~/.cache/mergevq).")] = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="linear: skip the raw-pixel probe.")] = False,
@@ -64,7 +64,7 @@ def probe(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="finetune: override a setting of the "
                                                       "protocol (repeatable), e.g. aug.mixup=0, "
                                                       "train.layer_decay=0.75.")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:

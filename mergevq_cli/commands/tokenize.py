@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, PrecisionOpt, TokenizerOpt, checked_precision
+from ..options import DeviceOpt, JsonOpt, PrecisionOpt, TokenizerOpt, checked_precision, finite
 
 EXAMPLES = """
 Examples:
@@ -30,15 +30,15 @@ def tokenize(
     data: Annotated[str, typer.Argument(help="An image folder (class subfolders give labels), or `shapes` / `photos`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the shards and manifest.json.")],
     ckpt: TokenizerOpt = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", "-k", help="Keep K tokens per view (default: the recipe's merge.keep).")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", "-k", min=1, help="Keep K tokens per view (default: the recipe's merge.keep).")] = None,
     tokens_sample: Annotated[bool, typer.Option("--tokens-sample", help="Draw K per view with the recipe's keep-count sampler.")] = False,
     views: Annotated[str, typer.Option("--views", help="Views stored per image: ten-crop (centre + 4 corners, each also mirrored: 10), flip (centre + mirror: 2) or center (1). Stage 2 draws one per item per epoch.")] = "ten-crop",
-    crop_range: Annotated[Optional[float], typer.Option("--crop-range", min=1.0, max=2.0, help="Crops are cut from the centred square of side image size × this (default 1.1 for ten-crop, 1.0 otherwise).", show_default=False)] = None,
+    crop_range: Annotated[Optional[float], typer.Option("--crop-range", callback=finite, min=1.0, max=2.0, help="Crops are cut from the centred square of side image size × this (default 1.1 for ten-crop, 1.0 otherwise).", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Encode only the first N items (shapes: how many to generate, default 10000).")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Views per forward pass.")] = 64,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 4096,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: in the main process).")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the shapes data and --tokens-sample.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for the shapes data and --tokens-sample.")] = 0,
     precision: PrecisionOpt = "fp32",
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .. import console
-from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, ResumeOpt
+from ..options import DeviceOpt, JsonOpt, MaxStepsOpt, OutOpt, ResumeOpt, finite, positive
 from .train_tokenizer import TrainBar, steps_text
 
 EXAMPLES = """
@@ -54,20 +54,20 @@ def tune_recovery(
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="The RandAR run or checkpoint whose ids it learns to place (default: the newest randar run).")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", "-t", help="Token shards (default: the ones the generator was trained on).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer run, if it moved since the generator was trained.")] = None,
-    replace: Annotated[Optional[float], typer.Option("--replace", help="Share of each item's ids replaced by the generator's teacher-forced predictions (default 0.5).")] = None,
+    replace: Annotated[Optional[float], typer.Option("--replace", min=0, max=1, callback=finite, help="Share of each item's ids replaced by the generator's teacher-forced predictions (default 0.5).")] = None,
     predict: Annotated[Optional[str], typer.Option("--predict", help="sample (from the logits, at --temperature) or argmax (default sample).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature of the predictions (default 1).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 5, paper Table A2).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate, cosine decay (default 1e-4).")] = None,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="Global batch size (default 256).")] = None,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Items per process per forward (default 64; accumulation makes up --batch).")] = None,
-    val_items: Annotated[Optional[int], typer.Option("--val-items", help="Last shard items held out for evaluation (default: as many as the generator's run held out).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default 2).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0, callback=finite, help="Sampling temperature of the predictions (default 1).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (default 5, paper Table A2).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", callback=positive, help="Peak learning rate, cosine decay (default 1e-4).")] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Global batch size (default 256).")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", min=1, help="Items per process per forward (default 64; accumulation makes up --batch).")] = None,
+    val_items: Annotated[Optional[int], typer.Option("--val-items", min=1, help="Last shard items held out for evaluation (default: as many as the generator's run held out).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default 2).")] = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     max_steps: MaxStepsOpt = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a setting (repeatable), e.g. train.warmup_steps=10, corrupt.replace=0.3.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (default 0).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed (default 0).")] = None,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:

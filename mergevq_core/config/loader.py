@@ -204,9 +204,23 @@ def load_recipe(path: str | Path, overrides: Overrides = (), expect: str | None 
     if expect is not None and kind != expect:
         raise ConfigError(_WRONG_KIND[kind].format(path=path))
     try:
-        return build_config(CONFIG_KINDS[kind], upgrade_config(data, kind, saved=False))
+        cfg = build_config(CONFIG_KINDS[kind], upgrade_config(data, kind, saved=False))
+        _refuse_unread(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _refuse_unread(cfg: Any) -> None:
+    """A recipe value the chosen settings would silently ignore is an error naming both (checked for recipes
+    only: a saved config loads as it was trained)."""
+    data = getattr(cfg, "data", None)
+    if data is None or getattr(data, "source", "imagefolder") == "imagefolder":
+        return
+    for name in ("root", "val_root"):
+        if getattr(data, name, None) is not None:
+            raise ConfigError(f"data.{name} is set but data.source is {data.source}, which does not read it: "
+                              f"add --set data.source=imagefolder to train on the folder")
 
 
 def load_config(path: str | Path, overrides: Overrides = ()) -> RunConfig:

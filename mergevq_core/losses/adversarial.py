@@ -77,9 +77,15 @@ class LeCam(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: Tensor, logits_fake: Tensor) -> None:
+        """Under torch.distributed the means are of the global batch, so every rank holds the same anchors (rank 0
+        saves them, and a resumed rank 1 must continue from what it had)."""
         d = self.decay
-        self.ema_real.copy_(d * self.ema_real + (1 - d) * logits_real.detach().float().mean())
-        self.ema_fake.copy_(d * self.ema_fake + (1 - d) * logits_fake.detach().float().mean())
+        means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)  # a sum: gloo has no average
+            means /= torch.distributed.get_world_size()
+        self.ema_real.copy_(d * self.ema_real + (1 - d) * means[0])
+        self.ema_fake.copy_(d * self.ema_fake + (1 - d) * means[1])
 
     def forward(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         reg_real = F.relu(logits_real.float() - self.ema_fake).pow(2).mean()

@@ -112,6 +112,36 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
+# what a resumed run may change: how long it trains, how often it logs, evaluates and checkpoints, and its workers
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.ckpt_every",
+                     "train.ckpt_minutes", "train.keep_checkpoints", "data.num_workers", "data.workers")
+
+
+def refuse_changed_config(run_dir: Path, new: dict) -> None:
+    """`--resume` continues the run in `run_dir` as it was configured (its config.json): any other recipe value
+    that differs is an error naming the first one (so that another run's folder cannot be continued by mistake)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(json.loads(json.dumps(new)))
+    for key in sorted(set(a) | set(b)):
+        if key not in RESUMABLE_CHANGES and key != "version" and a.get(key) != b.get(key):
+            raise ConfigError(f"--resume: {run_dir} was trained with {key}={json.dumps(a.get(key))}, this recipe gives "
+                              f"{json.dumps(b.get(key))}: resume with the run's own recipe and --set values, or use a "
+                              f"new --out")
+
+
 class MetricsLog:
     """metrics.jsonl (rank 0): on resume, the rows the interrupted run logged after its checkpoint are dropped."""
 
@@ -156,6 +186,7 @@ class _Loop:
         meta = None
         if self.ckpt is not None:
             meta = ck.read_meta(self.ckpt, expect_kind=task.kind, expect_generator=task.generator, hint=": use another --out")
+            refuse_changed_config(self.run_dir, config_to_dict(cfg))
         self.autocast = train_autocast(tc.precision, dist.device)  # fp16 off CUDA: a ConfigError before any work
         task.preflight()
         per_step = tc.micro_batch * dist.world_size
