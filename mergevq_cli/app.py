@@ -48,6 +48,39 @@ app.add_typer(benchmark_cmd.app, name="benchmark")
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
 
 
+def _given(names: list[str], argv: list[str]) -> tuple[str, str] | None:
+    """The option name as typed and its value, from the command line (the last occurrence wins, as in click)."""
+    found = None
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in names:
+            found = (name, value) if eq else (name, argv[i + 1]) if i + 1 < len(argv) else None
+    return found
+
+
+def _bad_value(e: Exception) -> str | None:
+    """`--batch 0: must be >= 1` for a value outside an option's declared range or refused by its callback (the
+    style of the checks made after parsing); None for other usage errors."""
+    param = getattr(e, "param", None)
+    opts = list(getattr(param, "opts", None) or []) + list(getattr(param, "secondary_opts", None) or [])
+    given = _given(opts, sys.argv[1:]) if opts and getattr(param, "param_type_name", "") == "option" else None
+    if given is None:
+        return None
+    name, value = given
+    lo, hi = getattr(param, "min", None), getattr(param, "max", None)
+    message = str(getattr(e, "message", "") or "")
+    if message.startswith(f"{value}: ") or message.startswith(f"{value!r}: "):  # a callback's own reason
+        reason = message.split(": ", 1)[1]
+    elif message.startswith("Input should be greater") or message.startswith("Input should be less"):
+        reason = (f"must be in [{lo}, {hi}]" if lo is not None and hi is not None
+                  else f"must be >= {lo}" if lo is not None else f"must be <= {hi}")
+    elif message.startswith("Input should be a valid"):
+        reason = message.replace("Input should be", "expected", 1)
+    else:
+        return None
+    return f"{name} {value}: {reason}"
+
+
 def main() -> None:
     from mergevq_core.errors import MergeVQError
 
@@ -60,15 +93,16 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:  # `--help`, `--version` and the like exit through here
             sys.exit(code)
-    except ClickException as e:  # a bad option or argument: one line that names it, exit code 2 (click's)
+    except ClickException as e:  # a bad option or argument: one line that names it, exit code 1
         if type(e).__name__ == "NoArgsIsHelpError":  # `mergevq` alone, or a group without its command
             e.show()
             sys.exit(e.exit_code)
         if _state["debug"]:
             raise
         ctx = getattr(e, "ctx", None)
-        console.error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
-        sys.exit(e.exit_code)
+        message = _bad_value(e) or e.format_message().removeprefix("Invalid value: ")  # the latter: our own checks
+        console.error(message + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
+        sys.exit(1)
     except MergeVQError as e:
         if _state["debug"]:
             raise

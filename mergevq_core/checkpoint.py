@@ -97,6 +97,8 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run or checkpoint folder")
     ckpt = latest_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"{path} holds no checkpoint yet")

@@ -132,3 +132,12 @@ def test_training_on_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint
     assert len(lines) == 1 and "step 2" in lines[0] and "No space left" in lines[0] and "step_0000001" in lines[0]
     assert ck.latest_checkpoint(run).name == "step_0000001"
     assert not [p for p in (run / ck.CKPT_DIR).iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_given_as_a_checkpoint_folder_says_so(tmp_path):
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"\x00")
+    with pytest.raises(CheckpointError, match="is a file, not a run or checkpoint folder"):
+        ck.resolve_checkpoint(f)
+    with pytest.raises(CheckpointError, match="holds no checkpoint yet"):
+        ck.resolve_checkpoint(tmp_path)
