@@ -73,12 +73,6 @@ def probe(
 
     if protocol not in ("linear", "finetune"):
         raise typer.BadParameter(f"--protocol {protocol!r}: choose linear or finetune")
-    for name, value in (("--batch", batch), ("--epochs", epochs), ("--micro-batch", micro_batch),
-                        ("--train", n_train), ("--test", n_test)):
-        if value is not None and value < 1:
-            raise typer.BadParameter(f"{name} {value}: must be >= 1")
-    if workers < 0:
-        raise typer.BadParameter(f"--workers {workers}: must be >= 0")
     given = {"--cache": cache is not None, "--no-baseline": no_baseline, "--micro-batch": micro_batch is not None,
              "--resume": resume, "--max-steps": max_steps is not None, "--set": bool(set_)}
     wrong = [o for o in (_FINETUNE_ONLY if protocol == "linear" else _LINEAR_ONLY) if given[o]]
