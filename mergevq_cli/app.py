@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from .commands import benchmark as benchmark_cmd
+from .commands import demo as demo_cmd
 from .commands import evaluate as evaluate_cmd
+from .commands import export as export_cmd
 from .commands import generate as generate_cmd
 from .commands import info as info_cmd
 from .commands import probe as probe_cmd
@@ -17,6 +19,7 @@ from .commands import tokenize as tokenize_cmd
 from .commands import train_ar as train_ar_cmd
 from .commands import train_tokenizer as train_tokenizer_cmd
 from .commands import tune_recovery as tune_recovery_cmd
+from .commands import weights as weights_cmd
 
 app = typer.Typer(
     name="mergevq",
@@ -46,6 +49,9 @@ app.command("probe", epilog=probe_cmd.EXAMPLES)(probe_cmd.probe)
 app.command("evaluate", epilog=evaluate_cmd.EXAMPLES)(evaluate_cmd.evaluate)
 app.add_typer(benchmark_cmd.app, name="benchmark")
 app.command("info", epilog=info_cmd.EXAMPLES)(info_cmd.info)
+app.command("demo", epilog=demo_cmd.EXAMPLES)(demo_cmd.demo)
+app.command("weights", epilog=weights_cmd.EXAMPLES)(weights_cmd.weights)
+app.command("export", epilog=export_cmd.EXAMPLES)(export_cmd.export)
 
 
 def _given(names: list[str], argv: list[str]) -> tuple[str, str] | None:

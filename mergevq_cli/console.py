@@ -148,3 +148,42 @@ class BarProgress:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class DemoBar:
+    """`mergevq demo`'s progress: one bar over all steps, weighted by their expected time, with one overall ETA;
+    a line per finished step above it."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=out,
+                                 disable=quiet or not is_main_process())
+        self.task = None
+        self.base = 0.0
+        self.weight = 0.0
+
+    def begin(self, total_s: float, done_s: float) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("demo", total=total_s, completed=done_s)
+        self.base = done_s
+
+    def step(self, step: Any) -> None:
+        self.weight = step.estimate_s
+        self.progress.update(self.task, description=step.title, completed=self.base)
+
+    def fraction(self, f: float) -> None:
+        self.progress.update(self.task, completed=self.base + f * self.weight)
+
+    def done(self, step: Any, wall_s: float, skipped: bool) -> None:
+        if not skipped:
+            self.base += step.estimate_s
+            self.progress.update(self.task, completed=self.base)
+        if not self.quiet:
+            self.progress.console.print(f"{'[dim]done before[/]' if skipped else '[green]done[/]'}  {step.title} "
+                                        f"({wall_s:.0f} s)", highlight=False)
+
+    def end(self) -> None:
+        self.progress.stop()

@@ -22,7 +22,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed (ove
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (overrides train.max_steps).")]
 TokenizerOpt = Annotated[
-    Optional[Path], typer.Option("--ckpt", help="Tokenizer run or checkpoint folder (default: the newest tokenizer run).")
+    Optional[Path], typer.Option("--ckpt", help="Tokenizer run, checkpoint or exported folder, or hf-hub:owner/name (default: the newest tokenizer run under runs/, else the shipped one).")
 ]
 RunsOpt = Annotated[int, typer.Option("--runs", min=10, help="Timed runs (>= 10).")]
 BenchOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the benchmark's JSON (and plot).")]

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint as ck
 from .fileio import sha256_file
 
 __all__ = ["cache_root", "checkpoint_hash", "files_fingerprint", "key_of"]
@@ -40,9 +41,8 @@ def checkpoint_hash(ckpt: Path, names: tuple[str, ...] = ("ema",)) -> str:
     checkpoints with the same weights and model share their cache entries wherever they live."""
     h = hashlib.sha256()
     for name in names:
-        h.update(sha256_file(Path(ckpt) / f"{name}.safetensors").encode())
-    meta = json.loads((Path(ckpt) / "meta.json").read_text())
-    h.update(json.dumps(meta.get("config"), sort_keys=True).encode())
+        h.update(sha256_file(ck.weights_file(Path(ckpt), name)).encode())
+    h.update(json.dumps(ck.read_meta(Path(ckpt)).get("config"), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

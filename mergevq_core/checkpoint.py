@@ -5,6 +5,12 @@ written into a temporary folder, fsynced and renamed into place, and only then d
 write-then-rename), so a crash at any moment leaves the previous checkpoint intact and pointed to.
 Contents: `<name>.safetensors` per model, `meta.json` (format version, kind, step, resolved config),
 `train_state.pt` (optimizers, scaler, RNG, data position; read with `weights_only=True`).
+
+An exported folder (`mergevq export`, the Hugging Face layout: `config.json` + `model.safetensors` + `README.md`)
+reads like a checkpoint too: its `config.json` is the checkpoint's meta.json with an `export` entry, and its one
+`model.safetensors` serves the weight names that entry lists (`ema` and `tokenizer`, or `generator`), in float32
+whatever dtype it was stored in. Such a folder on the Hugging Face hub is named `hf-hub:owner/name` (fetched through
+`huggingface_hub`; its local cache alone with `HF_HUB_OFFLINE=1`), or `owner/name` when it is in the local cache.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +32,9 @@ from .fileio import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"  # the Hugging Face layout
+HUB_PREFIX = "hf-hub:"  # as timm and open_clip name a Hugging Face repository
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def save_checkpoint(
@@ -90,12 +100,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return target
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder (→ its latest checkpoint) or a checkpoint folder itself."""
+def is_exported(path: Path) -> bool:
+    """An exported folder: `model.safetensors` next to a `config.json` (a run folder's config.json has no
+    weights beside it)."""
+    return (Path(path) / EXPORT_WEIGHTS).is_file() and (Path(path) / EXPORT_CONFIG).is_file()
+
+
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A run folder (→ its latest checkpoint), a checkpoint folder, an exported folder, or a Hugging Face
+    repository: `hf-hub:owner/name` (downloaded unless HF_HUB_OFFLINE=1), or a bare `owner/name` that is no local
+    path (the local Hugging Face cache only, so that a mistyped path never goes to the network)."""
+    text = str(path)
+    if text.startswith(HUB_PREFIX):
+        return _from_hub(text[len(HUB_PREFIX):], local_only=False)
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / "meta.json").is_file() or is_exported(path):
         return path
     if not path.exists():
+        if _REPO_ID.fullmatch(text):
+            return _from_hub(text, local_only=True)
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a run or checkpoint folder")
@@ -103,6 +126,27 @@ def resolve_checkpoint(path: Path) -> Path:
     if ckpt is None:
         raise CheckpointError(f"{path} holds no checkpoint yet")
     return ckpt
+
+
+def _from_hub(repo_id: str, local_only: bool) -> Path:
+    """The snapshot folder of a Hugging Face model repository written by `mergevq export`."""
+    if not _REPO_ID.fullmatch(repo_id):
+        raise CheckpointError(f"{HUB_PREFIX}{repo_id}: a Hugging Face repository id is owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=local_only,
+                                        allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except Exception as e:  # not cached, unknown repository, no network, HF_HUB_OFFLINE: one line either way
+        if local_only:
+            raise CheckpointError(f"checkpoint not found: {repo_id} (no such folder, nor a Hugging Face repository "
+                                  f"in the local cache; {HUB_PREFIX}{repo_id} downloads it)") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{HUB_PREFIX}{repo_id}: could not get it from the Hugging Face hub: {reason}") from None
+    if not is_exported(folder):
+        raise CheckpointError(f"Hugging Face repository {repo_id} holds no {EXPORT_CONFIG} + {EXPORT_WEIGHTS} "
+                              "written by `mergevq export`")
+    return folder
 
 
 KIND_NAMES = {"tokenizer": "tokenizer", "ar": "generator", "recovery": "tuned source recovery"}  # meta.json `kind` -> what a user calls it
@@ -113,10 +157,13 @@ def read_meta(ckpt: Path, expect_kind: str | None = None, expect_generator: str 
     """A checkpoint's meta.json, checked: its format version, and (when given) its kind (`tokenizer` or `ar`) and
     generator name. A mismatch is one `CheckpointError` line, `prefix` before it (e.g. the option that named the
     checkpoint) and `hint` after it (what to do instead)."""
+    name = EXPORT_CONFIG if is_exported(ckpt) and not (Path(ckpt) / "meta.json").is_file() else "meta.json"
     try:
-        meta = json.loads((Path(ckpt) / "meta.json").read_text())
+        meta = json.loads((Path(ckpt) / name).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {ckpt}/meta.json: {e}") from None
+        raise CheckpointError(f"cannot read {ckpt}/{name}: {e}") from None
+    if name == EXPORT_CONFIG and isinstance(meta, dict):
+        meta = _exported_meta(Path(ckpt), meta)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{ckpt}: checkpoint format {found} is not {FORMAT_VERSION}")
@@ -128,16 +175,40 @@ def read_meta(ckpt: Path, expect_kind: str | None = None, expect_generator: str 
     return meta
 
 
+def _exported_meta(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """An exported config.json as meta.json reads: the generator's tokenizer, recorded relative to the exported
+    folder (`tokenizer/` inside it, `../tokenizer` beside it), made a path."""
+    if not isinstance(meta.get("export"), dict):
+        raise CheckpointError(f"{folder}/{EXPORT_CONFIG} was not written by `mergevq export`")
+    rec = meta.get("tokenizer")
+    if isinstance(rec, dict) and rec.get("relative"):
+        meta["tokenizer"] = {**rec, "checkpoint": str((folder / rec["checkpoint"]).resolve())}
+    return meta
+
+
+def weights_file(ckpt: Path, name: str) -> Path:
+    """The file that holds a checkpoint's `name` weights (`<name>.safetensors`, or an exported folder's
+    model.safetensors when it serves that name)."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.is_file() and is_exported(ckpt) and not (Path(ckpt) / "meta.json").is_file():
+        if name in read_meta(ckpt)["export"].get("weights", []):
+            return Path(ckpt) / EXPORT_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {name} weights")
+    return path
+
+
 def read_tensors(ckpt: Path, name: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    path = Path(ckpt) / f"{name}.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt} has no {name} weights")
+    path = weights_file(ckpt, name)
     try:
-        return load_file(str(path))
+        sd = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if path.name == EXPORT_WEIGHTS:  # stored in half precision, perhaps: models run in float32
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
 
 
 def read_train_state(ckpt: Path) -> dict[str, Any]:

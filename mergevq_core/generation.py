@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import checkpoint as ck
 from .errors import CheckpointError, ConfigError
 from .progress import SILENT, Progress
 
@@ -234,7 +235,7 @@ def _open_store(out_dir: Path, path: Path, meta: dict[str, Any], sampler: str, c
     from .sample_store import SampleStore
 
     # the weights, not where they lie, define the samples
-    defining = {"generator_hash": sha256_file(path / "generator.safetensors"),
+    defining = {"generator_hash": sha256_file(ck.weights_file(path, "generator")),
                 "tokenizer_hash": meta.get("tokenizer", {}).get("hash"), "sampler": sampler, "classes": classes,
                 "per_class": per_class, "num_samples": num_samples, "tokens": k, **sampling}
     if recovery_hash is not None:  # a tuned source recovery model decodes other images from the same ids
@@ -352,7 +353,7 @@ def _tuned_recovery(recovery: str | Path, gen: Generator, tok: MergeVQTokenizer,
     gen_hash = rmeta.get("generator_hash")
     return {"checkpoint": str(path), "hash": sha256_file(path / "recovery.safetensors"),
             "tuned_with": rmeta.get("generator_checkpoint"),
-            "same_generator": bool(gen_hash) and gen_hash == sha256_file(gen_path / "generator.safetensors"),
+            "same_generator": bool(gen_hash) and gen_hash == sha256_file(ck.weights_file(gen_path, "generator")),
             "stage1": stage1}
 
 

@@ -86,13 +86,8 @@ def resume_config(run_dir: Path, kind: str) -> dict[str, Any] | None:
 def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
     """A run folder or checkpoint folder → the checkpoint folder; None → the newest tokenizer run under runs/."""
     if ckpt is None:
-        run = newest_run("tokenizer")
-        if run is None:
-            raise CheckpointError(
-                f"no tokenizer run under {RUNS_DIR}/: train one with `mergevq train-tokenizer recipes/tiny.yaml` or pass --ckpt"
-            )
-        ckpt = run
-    return ck.resolve_checkpoint(Path(ckpt))
+        ckpt = newest_run("tokenizer") or _shipped("tokenizer")
+    return ck.resolve_checkpoint(ckpt)
 
 
 def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, ema: bool = True,
@@ -117,14 +112,25 @@ def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, em
 def find_generator_checkpoint(ckpt: str | Path | None, generator: str) -> Path:
     """A run or checkpoint folder → its checkpoint; None → the newest run of `generator` under runs/."""
     if ckpt is None:
-        run = newest_run("ar", generator=generator)
-        if run is None:
-            raise CheckpointError(
-                f"no {generator} generator run under {RUNS_DIR}/: train one with "
-                f"`mergevq train-ar recipes/ar/tiny.yaml --shards tokens/tiny --generator {generator}` or pass --ckpt"
-            )
-        ckpt = run
-    return ck.resolve_checkpoint(Path(ckpt))
+        ckpt = newest_run("ar", generator=generator) or _shipped(generator)
+    return ck.resolve_checkpoint(ckpt)
+
+
+def _shipped(name: str) -> Path:
+    """The weights shipped with the package for `name` (no run of it under runs/), said in one line on stderr
+    (stdout stays clean for --json)."""
+    import os
+    import sys
+
+    from .shipped import shipped_path
+
+    path = shipped_path(name)
+    if path is None:
+        raise CheckpointError(f"no {name} run under {RUNS_DIR}/ and none shipped: train one or pass --ckpt")
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"note: using the shipped {name} weights ({path.name}; `mergevq weights` describes them): "
+                         f"no {name} run under {RUNS_DIR}/, and no --ckpt\n")
+    return path
 
 
 def load_generator(path: Path, device: torch.device | str | None = None,
@@ -164,7 +170,7 @@ def tokenizer_of_generator(meta: dict[str, Any], override: str | Path | None = N
         tok, path = load_tokenizer(where, device)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the generator was trained on tokenizer {rec.get('checkpoint')}; pass --tokenizer RUN if it moved)") from None
-    if rec.get("hash") and sha256_file(path / "ema.safetensors") != rec["hash"]:
+    if rec.get("hash") and sha256_file(ck.weights_file(path, "ema")) != rec["hash"]:
         raise CheckpointError(f"tokenizer {path} is not the one the generator was trained on (weights hash differs)")
     return tok, path
 

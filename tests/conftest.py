@@ -47,6 +47,7 @@ def private_cache(tmp_path_factory):
     import os
 
     path = tmp_path_factory.mktemp("cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches the Hugging Face hub (tests that need the cache make one)
     old = os.environ.get("MERGEVQ_CACHE")
     os.environ["MERGEVQ_CACHE"] = str(path)
     yield path

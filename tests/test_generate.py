@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from mergevq_core import api
 from mergevq_core.errors import CheckpointError, ConfigError, DataError
 from mergevq_core.generation import generate_images
 from mergevq_core.generators import SamplingSettings
+from mergevq_core.shipped import shipped_path
 
 from .conftest import ROOT
 
@@ -98,9 +100,9 @@ def test_newest_run_of_the_sampler_is_used(pipeline, tmp_path, monkeypatch):
     monkeypatch.chdir(pipeline)
     res = run(pipeline, "randar", tmp_path, ckpt=None)
     assert "tiny-randar" in res.ckpt
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="no mergear generator run"):
-        run(pipeline, "mergear", tmp_path, ckpt=None)
+    monkeypatch.chdir(tmp_path)  # no mergear run here: the shipped one, with its own tokenizer
+    res = run(pipeline, "mergear", tmp_path, ckpt=None)
+    assert Path(res.ckpt) == shipped_path("mergear") and Path(res.tokenizer) == shipped_path("tokenizer").resolve()
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -12,11 +12,12 @@ import pytest
 import typer
 
 from mergevq_cli import app as app_module
-from mergevq_cli.commands import (benchmark, evaluate, generate, info, probe, reconstruct, tokenize, train_ar,
-                                  train_tokenizer, tune_recovery)
+from mergevq_cli.commands import (benchmark, demo, evaluate, export, generate, info, probe, reconstruct, tokenize,
+                                  train_ar, train_tokenizer, tune_recovery, weights)
 from mergevq_cli.options import finite, positive
 
-MODULES = (benchmark, evaluate, generate, info, probe, reconstruct, tokenize, train_ar, train_tokenizer, tune_recovery)
+MODULES = (benchmark, demo, evaluate, export, generate, info, probe, reconstruct, tokenize, train_ar, train_tokenizer,
+           tune_recovery, weights)
 
 
 def run_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, list[str]]:
@@ -151,17 +152,17 @@ EXAMPLES = _examples()
 def test_the_examples_are_found():
     cmds = {a[0] for a in EXAMPLES}
     assert cmds >= {"train-tokenizer", "train-ar", "reconstruct", "tokenize", "generate", "probe", "evaluate", "info",
-                    "benchmark", "tune-recovery"}
+                    "benchmark", "tune-recovery", "demo", "weights", "export"}
 
 
 @pytest.mark.parametrize("argv", EXAMPLES, ids=[" ".join(a)[:60] for a in EXAMPLES])
 def test_help_examples_with_corrupted_inputs_fail_in_one_line(monkeypatch, capsys, tmp_path, argv):
-    monkeypatch.chdir(tmp_path)  # no runs/ here, so nothing can fall back to a trained model
+    monkeypatch.chdir(tmp_path)  # no runs/ here: only the shipped weights to fall back to
     variants = _corrupt(argv, tmp_path)
     if not variants:
         pytest.skip("nothing to corrupt in this example")
     for v in variants:
         code, lines = run_main(monkeypatch, capsys, v)
-        lines = [ln for ln in lines if not ln.startswith("warning:")]
+        lines = [ln for ln in lines if not ln.startswith(("warning:", "note:"))]
         assert code != 0 and len(lines) == 1 and lines[0].startswith("error:"), (v, lines)
         assert "Traceback" not in lines[0]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 
 from mergevq_core import api
 from mergevq_core.errors import CheckpointError, ConfigError, DataError
+from mergevq_core.shipped import shipped_path
 
 from .conftest import FAST_TRAIN, ROOT
 
@@ -55,9 +57,9 @@ def test_source_predicted_reports_the_gap(run, mixed, tmp_path):
 
 
 def test_newest_run_is_used_and_a_missing_one_is_explained(run, mixed, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="mergevq train-tokenizer"):
-        api.reconstruct([mixed], out=tmp_path / "x", device="cpu")
+    monkeypatch.chdir(tmp_path)  # no tokenizer run here: the shipped one
+    res = api.reconstruct([mixed / "rgb.png"], out=tmp_path / "x", device="cpu")
+    assert Path(res.ckpt) == shipped_path("tokenizer")
     (tmp_path / "runs").mkdir()
     os.symlink(run, tmp_path / "runs" / "tiny-1")
     res = api.reconstruct([mixed / "rgb.png"], out=tmp_path / "y", device="cpu")

@@ -94,6 +94,8 @@ class ShardWriter:
         }
         path = self.out_dir / MANIFEST
         if self.owner:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise DataError(f"--out {self.out_dir} is a file: give a folder for the token shards")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._clean_tmp()
         elif not path.exists():

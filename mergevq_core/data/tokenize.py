@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .. import checkpoint as ck
 from ..errors import DataError
 from ..progress import SILENT, Progress
 
@@ -131,7 +132,7 @@ def tokenize_dataset(tok: Any, ckpt: Path, data: str | Path, out: str | Path, *,
         ds = Subset(ds, range(limit))
     info["items"] = len(ds)
     settings = dict(
-        tokenizer_info={"checkpoint": str(ckpt), "hash": sha256_file(ckpt / "ema.safetensors"), "config": config_to_dict(cfg)},
+        tokenizer_info={"checkpoint": str(ckpt), "hash": sha256_file(ck.weights_file(ckpt, "ema")), "config": config_to_dict(cfg)},
         codebook_size=tok.quantizer.codebook_size, n_tokens=cfg.model.n_tokens, grid=cfg.model.grid,
         tokens_mode="sample" if tokens_sample else "fixed", keep=keep, dataset_info=info, num_items=len(ds),
         shard_size=shard_size, views=view.describe(), precision=precision,

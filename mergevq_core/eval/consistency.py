@@ -6,7 +6,7 @@ the class and not the tokenizer's blur. Its accuracy on held-out real and recons
 to the consistency as the ceiling a perfect generator could reach: reconstructions with the true source for
 LlamaGen and MergeAR (whose Position Cache yields it), with the source recovery model's predicted source for
 RandAR. The classifier is cached per dataset, image size and tokenizer under `runs/classifiers/`, written
-atomically (safetensors + JSON).
+atomically (safetensors + JSON); the shipped tokenizer's ships with it.
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ def _predicted_source_acc(model: nn.Module, tok: Any, xv: Tensor, yv: Tensor, k:
 
 
 def _save_meta(folder: Path, meta: dict[str, Any]) -> None:
-    """The classifier's meta.json, written atomically; the in-memory `folder` entry stays out of it."""
-    write_atomic(folder / "meta.json", json.dumps({k: v for k, v in meta.items() if k != "folder"}, indent=2).encode())
+    """The classifier's meta.json, written atomically; the in-memory `folder` entry stays out of it. A folder that
+    cannot be written (the shipped one in a read-only install) keeps what it had: the figures are a cache."""
+    try:
+        write_atomic(folder / "meta.json", json.dumps({k: v for k, v in meta.items() if k != "folder"}, indent=2).encode())
+    except OSError:
+        pass
 
 
 def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> float:
@@ -96,6 +100,10 @@ def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, device: torch.de
     return float((pred == labels).float().mean())
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file() and (folder / "classifier.safetensors").is_file()
+
+
 def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: int, size: int, k: int,
                    device: torch.device, train_count: int = 5000, epochs: int = 8, seed: int = 0,
                    root: Path = CLASSIFIER_DIR, note: Callable[[str], None] = lambda s: None) -> tuple[nn.Module, dict[str, Any]]:
@@ -103,10 +111,14 @@ def classifier_for(tok: Any, tok_hash: str, data: dict[str, Any], num_classes: i
     report: accuracy on held-out real images and on their reconstructions at K."""
     from safetensors.torch import load_file, save
 
+    from ..shipped import SHIPPED_DIR
+
     key = f"{data.get('source')}-{size}px-{tok_hash[:12]}"
     folder = root / key
+    if not _complete(folder) and root == CLASSIFIER_DIR and _complete(SHIPPED_DIR / "classifiers" / key):
+        folder = SHIPPED_DIR / "classifiers" / key  # the shipped tokenizer's, trained when its weights were made
     model = SmallCNN(num_classes).to(device)
-    if (folder / "meta.json").is_file() and (folder / "classifier.safetensors").is_file():
+    if _complete(folder):
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("num_classes") == num_classes:
             model.load_state_dict(load_file(str(folder / "classifier.safetensors")))

@@ -117,6 +117,23 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "trai
                      "train.ckpt_minutes", "train.keep_checkpoints", "data.num_workers", "data.workers")
 
 
+COMMANDS_FILE = "commands.txt"
+
+
+def record_command(run_dir: Path, step: int) -> None:
+    """Append the command line that started (step 0) or resumed this run to its commands.txt, the record
+    `mergevq export` writes into a model card."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:]
+    if sys.argv and Path(sys.argv[0]).name not in ("mergevq", "__main__.py", "-m"):  # called from Python: no command line
+        return
+    line = f"{'start' if step == 0 else f'resume at step {step}'}: mergevq {shlex.join(argv)}\n"
+    with open(Path(run_dir) / COMMANDS_FILE, "a") as f:
+        f.write(line)
+
+
 def refuse_changed_config(run_dir: Path, new: dict) -> None:
     """`--resume` continues the run in `run_dir` as it was configured (its config.json): any other recipe value
     that differs is an error naming the first one (so that another run's folder cannot be continued by mistake)."""
@@ -214,6 +231,7 @@ class _Loop:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            record_command(self.run_dir, self.step)
         self.log = MetricsLog(self.run_dir, self.step if self.ckpt is not None else None, dist.is_main)
         if dist.is_main:
             task.prepare_eval()

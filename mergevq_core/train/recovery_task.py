@@ -149,7 +149,7 @@ def recovery_config(ckpt: Path, world_size: int, *, shards: str | Path | None = 
     if tok.recovery is None:
         raise CheckpointError(f"tokenizer {tok_path} has no source recovery model to tune (model.recovery.enabled=false)")
     del tok
-    tok_hash = meta.get("tokenizer", {}).get("hash") or sha256_file(tok_path / "ema.safetensors")
+    tok_hash = meta.get("tokenizer", {}).get("hash") or sha256_file(ck.weights_file(tok_path, "ema"))
     where = shards if shards is not None else meta.get("tokens", {}).get("dir")
     if not where:
         raise ConfigError("--shards: the generator records no token shards; pass --shards DIR")
@@ -162,7 +162,7 @@ def recovery_config(ckpt: Path, world_size: int, *, shards: str | Path | None = 
                         "tokenize with that tokenizer")
     val_items = int(meta.get("config", {}).get("data", {}).get("val_items") or 512)
     raw: dict[str, Any] = {
-        "kind": "recovery", "generator": str(ckpt), "generator_hash": sha256_file(Path(ckpt) / "generator.safetensors"),
+        "kind": "recovery", "generator": str(ckpt), "generator_hash": sha256_file(ck.weights_file(Path(ckpt), "generator")),
         "tokenizer": str(tok_path), "tokenizer_hash": tok_hash,
         "data": {"tokens": str(where), "val_items": val_items}, "corrupt": {}, "train": {},
     }
@@ -223,12 +223,13 @@ class RecoveryTask(TrainTask):
 
         cfg = self.cfg
         for what, folder, name, want, option in (
-            ("generator", cfg.generator, "generator.safetensors", cfg.generator_hash, "--ckpt"),
-            ("tokenizer", cfg.tokenizer, "ema.safetensors", cfg.tokenizer_hash, "--tokenizer"),
+            ("generator", cfg.generator, "generator", cfg.generator_hash, "--ckpt"),
+            ("tokenizer", cfg.tokenizer, "ema", cfg.tokenizer_hash, "--tokenizer"),
         ):
-            path = Path(folder) / name
-            if not path.is_file():
-                raise CheckpointError(f"the {what} checkpoint {folder} this run tunes with is gone (give {option})")
+            try:
+                path = ck.weights_file(Path(folder), name)
+            except CheckpointError:
+                raise CheckpointError(f"the {what} checkpoint {folder} this run tunes with is gone (give {option})") from None
             if sha256_file(path) != want:
                 raise CheckpointError(f"the {what} checkpoint {folder} changed since this run started")
 
