@@ -17,7 +17,7 @@ from .conftest import ROOT
 
 runner = CliRunner()
 BUILT = ["info", "train-tokenizer", "train-ar", "reconstruct", "tokenize", "tune-recovery", "generate", "probe", "evaluate",
-         "benchmark"]  # commands that exist; the others are not listed until they work
+         "benchmark", "demo", "weights", "export"]  # commands that exist; the others are not listed until they work
 
 
 def mergevq(*args: str) -> subprocess.CompletedProcess:

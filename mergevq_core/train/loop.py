@@ -127,7 +127,7 @@ def record_command(run_dir: Path, step: int) -> None:
     import sys
 
     argv = sys.argv[1:]
-    if sys.argv and Path(sys.argv[0]).name not in ("mergevq", "__main__.py", "-m"):  # called from Python: no command line
+    if sys.argv and Path(sys.argv[0]).name not in ("mergevq", "__main__.py"):  # called from Python: no command line
         return
     line = f"{'start' if step == 0 else f'resume at step {step}'}: mergevq {shlex.join(argv)}\n"
     with open(Path(run_dir) / COMMANDS_FILE, "a") as f:
