@@ -84,7 +84,8 @@ def resume_config(run_dir: Path, kind: str) -> dict[str, Any] | None:
 
 
 def find_tokenizer_checkpoint(ckpt: str | Path | None) -> Path:
-    """A run folder or checkpoint folder → the checkpoint folder; None → the newest tokenizer run under runs/."""
+    """A run, checkpoint or exported folder (or hf-hub: id) → the checkpoint folder; None → the newest tokenizer
+    run under runs/, else the shipped tokenizer."""
     if ckpt is None:
         ckpt = newest_run("tokenizer") or _shipped("tokenizer")
     return ck.resolve_checkpoint(ckpt)
@@ -110,7 +111,8 @@ def load_tokenizer(ckpt: str | Path | None = None, device: str | None = None, em
 
 
 def find_generator_checkpoint(ckpt: str | Path | None, generator: str) -> Path:
-    """A run or checkpoint folder → its checkpoint; None → the newest run of `generator` under runs/."""
+    """A run, checkpoint or exported folder (or hf-hub: id) → its checkpoint; None → the newest run of `generator`
+    under runs/, else the shipped one."""
     if ckpt is None:
         ckpt = newest_run("ar", generator=generator) or _shipped(generator)
     return ck.resolve_checkpoint(ckpt)
