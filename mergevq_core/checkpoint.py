@@ -106,6 +106,11 @@ def is_exported(path: Path) -> bool:
     return (Path(path) / EXPORT_WEIGHTS).is_file() and (Path(path) / EXPORT_CONFIG).is_file()
 
 
+def _exported_only(path: Path) -> bool:
+    """An exported folder that is not also a checkpoint folder (whose meta.json then wins)."""
+    return is_exported(path) and not (Path(path) / "meta.json").is_file()
+
+
 def resolve_checkpoint(path: Path | str) -> Path:
     """A run folder (→ its latest checkpoint), a checkpoint folder, an exported folder, or a Hugging Face
     repository: `hf-hub:owner/name` (downloaded unless HF_HUB_OFFLINE=1), or a bare `owner/name` that is no local
@@ -157,7 +162,7 @@ def read_meta(ckpt: Path, expect_kind: str | None = None, expect_generator: str 
     """A checkpoint's meta.json, checked: its format version, and (when given) its kind (`tokenizer` or `ar`) and
     generator name. A mismatch is one `CheckpointError` line, `prefix` before it (e.g. the option that named the
     checkpoint) and `hint` after it (what to do instead)."""
-    name = EXPORT_CONFIG if is_exported(ckpt) and not (Path(ckpt) / "meta.json").is_file() else "meta.json"
+    name = EXPORT_CONFIG if _exported_only(ckpt) else "meta.json"
     try:
         meta = json.loads((Path(ckpt) / name).read_text())
     except (OSError, ValueError) as e:
@@ -190,7 +195,7 @@ def weights_file(ckpt: Path, name: str) -> Path:
     """The file that holds a checkpoint's `name` weights (`<name>.safetensors`, or an exported folder's
     model.safetensors when it serves that name)."""
     path = Path(ckpt) / f"{name}.safetensors"
-    if not path.is_file() and is_exported(ckpt) and not (Path(ckpt) / "meta.json").is_file():
+    if not path.is_file() and _exported_only(ckpt):
         if name in read_meta(ckpt)["export"].get("weights", []):
             return Path(ckpt) / EXPORT_WEIGHTS
     if not path.is_file():

@@ -11,6 +11,7 @@ rebuilds all of it from trained runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def shipped_weights() -> list[dict[str, Any]]:
         config = json.loads((path / ck.EXPORT_CONFIG).read_text())
         ex = config["export"]
         with safe_open(str(path / ck.EXPORT_WEIGHTS), "pt") as f:
-            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         rows.append({
             "name": name, "kind": "generator" if config.get("kind") == "ar" else "tokenizer", "folder": str(path),
             "params": params, "bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
@@ -50,9 +51,3 @@ def shipped_weights() -> list[dict[str, Any]]:
         })
     return rows
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
